@@ -1,0 +1,164 @@
+"""One typed config for a training run: defaults here, a YAML file over them, key=value over that.
+
+The same object travels from the CLI to the training loop (and later to every Ray worker), so
+every knob lives here and nothing downstream reads the environment behind its back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class Config:
+    # --- data -------------------------------------------------------------------------------
+    data: str = ""                 # DIR data root: a CSV with columns age,path,split + the images
+    dataset: str = "auto"          # preset naming the CSV: auto | synth | imdb-wiki-dir | agedb-dir
+    csv: str = ""                  # CSV file name inside `data`; overrides the preset
+    image_size: int = 32           # side of the square network input, in pixels
+    loader_workers: int = 0        # DataLoader worker processes
+    label_bin_width: float = 1.0   # labels are binned to this width for shots and bMAE (0.1 for STS-B)
+    many_shot: int = 100           # a bin is many-shot with more than this many training samples
+    few_shot: int = 20             # ... and few-shot with fewer than this many
+
+    # --- method -----------------------------------------------------------------------------
+    method: str = "groupdir"       # groupdir | vanilla
+    num_groups: int = 20
+    grouping: str = "equal_width"  # equal_width | equal_frequency
+    label_min: float | None = None  # equal-width range; None takes it from the training labels
+    label_max: float | None = None
+    temperature: float = 2.5       # t of paper Eq. 2
+    similarity: str = "cosine"     # cosine (paper) | euclidean (authors' code)
+    loss_backend: str = "auto"     # auto | torch | naive
+    group_loss: str = "soft"       # soft (paper's descending soft labels) | ce (plain cross-entropy)
+    beta: float = 1.0              # slope of the soft labels
+    lambda_grc: float = 1.0        # weight of the contrastive term (1 in the paper; 0 turns it off)
+    lambda_reg: float = 1.0        # lambda_1 of paper Eq. 5
+    lambda_soft: float = 1.0       # lambda_2 of paper Eq. 5
+    reg_loss: str = "l1"           # l1 | mse
+    reweight: str = "none"         # none | inverse | sqrt_inv  (weights on the regression loss)
+    lds: bool = False              # label distribution smoothing of the re-weighting counts
+    lds_kernel: str = "gaussian"   # gaussian | triang | laplace
+    lds_ks: int = 5
+    lds_sigma: float = 2.0
+
+    # --- model ------------------------------------------------------------------------------
+    backbone: str = "resnet18"     # resnet18 | resnet34 | resnet50 (random init)
+
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    select_metric: str = "bmae/all"  # validation metric that picks the best checkpoint (lower is better)
+    threads: int = 0               # torch CPU threads; 0 keeps torch's default
+
+    def validate(self) -> "Config":
+        choices = {
+            "dataset": ("auto", "synth", "imdb-wiki-dir", "agedb-dir"),
+            "method": ("groupdir", "vanilla"),
+            "grouping": ("equal_width", "equal_frequency"),
+            "similarity": ("cosine", "euclidean"),
+            "loss_backend": ("auto", "torch", "naive"),
+            "group_loss": ("soft", "ce"),
+            "reg_loss": ("l1", "mse"),
+            "reweight": ("none", "inverse", "sqrt_inv"),
+            "lds_kernel": ("gaussian", "triang", "laplace"),
+            "backbone": ("resnet18", "resnet34", "resnet50"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        positive = ("image_size", "label_bin_width", "temperature", "epochs", "batch_size", "lr")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be > 0")
+        non_negative = ("loader_workers", "beta", "lambda_grc", "lambda_reg", "lambda_soft",
+                        "weight_decay", "threads", "few_shot", "lds_sigma")
+        for key in non_negative:
+            value = getattr(self, key)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
+        if self.num_groups < 1:
+            raise ConfigError(f"num_groups={self.num_groups} must be >= 1")
+        if self.method == "groupdir" and self.num_groups < 2:
+            raise ConfigError("method=groupdir needs num_groups >= 2 (one group is plain regression: "
+                              "use method=vanilla)")
+        if self.few_shot > self.many_shot:
+            raise ConfigError(f"few_shot={self.few_shot} must not exceed many_shot={self.many_shot}")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 2 (the contrastive loss needs pairs)")
+        if self.lds and self.reweight == "none":
+            raise ConfigError("lds=true smooths the re-weighting counts: set reweight=inverse or sqrt_inv")
+        if self.lds_ks < 1 or self.lds_ks % 2 == 0:
+            raise ConfigError(f"lds_ks={self.lds_ks} must be an odd number >= 1")
+        if (self.label_min is None) != (self.label_max is None):
+            raise ConfigError("give both label_min and label_max, or neither")
+        if self.label_min is not None and not self.label_min < self.label_max:
+            raise ConfigError(f"label_min={self.label_min} must be < label_max={self.label_max}")
+        if self.select_metric.split("/")[0] not in ("mae", "mse", "gm", "bmae"):
+            raise ConfigError(f"select_metric={self.select_metric!r}: use mae|mse|gm|bmae/all|many|median|few")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(key: str, text: Any, annotation: str) -> Any:
+    """Convert one override to the field's type; YAML gives us bools, numbers and null for free."""
+    value = yaml.safe_load(text) if isinstance(text, str) else text
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={text!r}: expected true or false")
+        return value
+    if annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={text!r}: expected an integer")
+        return value
+    if annotation.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={text!r}: expected a number")
+        return float(value)
+    return str(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file <- overrides ("key=value" strings or a dict); then validate."""
+    types = {f.name: str(f.type) for f in fields(Config)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value")
+        values.update(loaded)
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for item in overrides or []:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            values[key.strip()] = text
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(types)}")
+    parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
+    return Config(**parsed).validate()
