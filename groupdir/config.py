@@ -117,6 +117,8 @@ class Config:
 
 def _parse_value(key: str, text: Any, annotation: str) -> Any:
     """Convert one override to the field's type; YAML gives us bools, numbers and null for free."""
+    if annotation == "str":
+        return str(text)  # no YAML here: an empty csv= stays "", not null
     value = yaml.safe_load(text) if isinstance(text, str) else text
     if value is None:
         if "None" in annotation:

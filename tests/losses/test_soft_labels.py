@@ -1,0 +1,43 @@
+import torch
+
+from groupdir.losses import soft_group_labels, soft_label_loss
+
+
+def test_soft_labels_shape_sum_peak_symmetry_and_descent():
+    num_groups = 9
+    groups = torch.arange(num_groups)
+    q = soft_group_labels(groups, num_groups, beta=0.7)
+    assert q.shape == (num_groups, num_groups)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(num_groups))
+    assert (q.argmax(dim=1) == groups).all()
+    for g in range(num_groups):
+        row = q[g]
+        for distance in range(1, num_groups):
+            left, right = g - distance, g + distance
+            if 0 <= left and right < num_groups:
+                torch.testing.assert_close(row[left], row[right])  # symmetric around the true group
+            for j in (left, right):
+                if 0 <= j < num_groups and 0 <= j + (1 if j < g else -1) < num_groups:
+                    closer = j + (1 if j < g else -1)
+                    assert row[j] < row[closer]  # strictly descending with distance
+
+
+def test_soft_labels_follow_the_paper_formula():
+    q = soft_group_labels(torch.tensor([3]), 6, beta=1.0)[0]
+    logits = torch.tensor([6 - abs(j - 3) * 1.0 for j in range(6)])
+    torch.testing.assert_close(q, logits.softmax(0))
+
+
+def test_beta_zero_is_uniform_and_large_beta_is_one_hot():
+    uniform = soft_group_labels(torch.tensor([1]), 4, beta=0.0)
+    torch.testing.assert_close(uniform, torch.full((1, 4), 0.25))
+    sharp = soft_group_labels(torch.tensor([1]), 4, beta=50.0)
+    assert sharp[0, 1] > 0.999
+
+
+def test_soft_label_loss_is_smallest_at_the_target_distribution():
+    groups = torch.tensor([2, 0])
+    q = soft_group_labels(groups, 5, beta=1.0)
+    best = soft_label_loss(q.log(), groups, beta=1.0)
+    worse = soft_label_loss(torch.zeros(2, 5), groups, beta=1.0)
+    assert best < worse

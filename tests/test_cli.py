@@ -1,0 +1,32 @@
+import json
+
+from groupdir.cli import main
+
+
+def test_synth_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_synth), "--out", str(run), "epochs=1", "batch_size=64",
+                 "num_groups=4"]) == 0
+    out = capsys.readouterr().out
+    assert "groupdir (predicted route)" in out and "oracle route" in out
+    assert (run / "results.json").is_file() and (run / "checkpoint.pt").is_file()
+
+    # A finished run is not overwritten without --force.
+    assert main(["train", "--data", str(tiny_synth), "--out", str(run), "epochs=1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+    assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
+                 "--split", "val", "--json", str(tmp_path / "val.json")]) == 0
+    assert "mae/all" in json.loads((tmp_path / "val.json").read_text())["predicted"]
+
+
+def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "num_groups=banana"]) == 2
+    assert "num_groups='banana': expected an integer" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "s"), "--train", "20", "--image-size", "16"]) == 0
+    assert main(["synth", str(tmp_path / "s"), "--train", "20"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "s"), "num_groups=500"]) == 2
+    assert "exceeds the" in capsys.readouterr().err

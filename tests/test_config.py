@@ -1,0 +1,39 @@
+import pytest
+
+from groupdir.config import Config, ConfigError, load_config
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_groups: 10\ntemperature: 1.5\nlds: true\nreweight: sqrt_inv\n")
+    cfg = load_config(path, ["num_groups=25", "label_min=0", "label_max=100", "method=vanilla"])
+    assert cfg.num_groups == 25 and cfg.temperature == 1.5 and cfg.lds is True
+    assert cfg.label_min == 0.0 and isinstance(cfg.label_min, float) and cfg.method == "vanilla"
+    assert load_config().to_dict() == Config().to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_grups=3", "unknown config key.*num_grups"),
+    ("method=ranksim", "method='ranksim' is not one of"),
+    ("num_groups=0", "num_groups=0 must be >= 1"),
+    ("num_groups=2.5", "num_groups='2.5': expected an integer"),
+    ("lds=yes please", "lds='yes please': expected true or false"),
+    ("temperature=-1", "temperature=-1.0 must be > 0"),
+    ("batch_size=1", "batch_size=1 must be >= 2"),
+    ("lds=true", "lds=true smooths the re-weighting counts"),
+    ("label_min=5", "give both label_min and label_max"),
+    ("epochs", "not of the form key=value"),
+    ("similarity=dot", "similarity='dot'"),
+])
+def test_bad_settings_are_refused_with_the_key_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_unreadable_or_non_mapping_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
