@@ -54,12 +54,17 @@ def shot_metrics(pred, target, train_labels, many: int = 100, few: int = 20,
     return result
 
 
-def group_metrics(pred_groups, true_groups) -> dict[str, float]:
-    """Group accuracy and mean |predicted group - true group|."""
+def group_metrics(pred_groups, true_groups, shots: np.ndarray | None = None) -> dict[str, float]:
+    """Group accuracy and mean |predicted group - true group|, overall and, given each sample's
+    shot, per shot ("group_acc/few" ...): where the classifier fails matters as much as how often."""
     pred_groups = _numpy(pred_groups).astype(np.int64)
     true_groups = _numpy(true_groups).astype(np.int64)
-    return {"group_acc": float((pred_groups == true_groups).mean()),
-            "group_dist": float(np.abs(pred_groups - true_groups).mean())}
+    result = {"group_acc": float((pred_groups == true_groups).mean()),
+              "group_dist": float(np.abs(pred_groups - true_groups).mean())}
+    for shot in SHOTS[1:] if shots is not None else ():
+        mask = shots == shot
+        result[f"group_acc/{shot}"] = float((pred_groups[mask] == true_groups[mask]).mean()) if mask.any() else math.nan
+    return result
 
 
 def format_shot_table(runs: dict[str, dict]) -> str:
@@ -80,8 +85,8 @@ def format_shot_table(runs: dict[str, dict]) -> str:
                          f"{r[f'gm/{shot}']:>7.2f}{r[f'bmae/{shot}']:>6.2f}".ljust(width))
         lines.append(f"{shot:<8}" + "".join(cells))
     lines.append(f"{'groups':<8}" + "".join(
-        f"acc {runs[n]['predicted']['group_acc']:.3f}  |err| {runs[n]['predicted']['group_dist']:.2f}".ljust(width)
-        for n in names))
+        f"acc {runs[n]['predicted']['group_acc']:.2f} (few {runs[n]['predicted'].get('group_acc/few', math.nan):.2f})"
+        f"  |err| {runs[n]['predicted']['group_dist']:.2f}".ljust(width) for n in names))
     for name in names:
         for extra in ("soft", "oracle"):
             if extra in runs[name]:

@@ -24,7 +24,8 @@ from groupdir.data.dir_format import read_dir_table
 from groupdir.data.loaders import make_loader, normalize
 from groupdir.grouping import Grouping, make_grouping
 from groupdir.losses import group_contrastive_loss, label_weights, regression_loss, soft_label_loss
-from groupdir.metrics import group_metrics, shot_metrics
+from groupdir.losses.regression import label_bins
+from groupdir.metrics import group_metrics, shot_metrics, shot_of_bins
 from groupdir.model import DIRNet, Output, route
 
 CHECKPOINT = "checkpoint.pt"
@@ -148,6 +149,8 @@ def evaluate(model: DIRNet, loader, grouping: Grouping, train_labels: np.ndarray
         targets.append(labels)
     target = torch.cat(targets).numpy()
     true_groups = grouping.assign(target)
+    shots = shot_of_bins(label_bins(target, cfg.label_bin_width), train_labels, cfg.many_shot, cfg.few_shot,
+                         cfg.label_bin_width)
     results = {}
     for name in routes:
         pred = torch.cat(predictions[name]).numpy()
@@ -158,7 +161,7 @@ def evaluate(model: DIRNet, loader, grouping: Grouping, train_labels: np.ndarray
             used_groups = torch.cat(chosen_groups).numpy()
         else:  # vanilla: the group its predicted value falls into
             used_groups = grouping.assign(pred)
-        results[name] = {**metrics, **group_metrics(used_groups, true_groups)}
+        results[name] = {**metrics, **group_metrics(used_groups, true_groups, shots)}
     return results
 
 

@@ -50,6 +50,9 @@ def test_shot_thresholds_are_strict():
 
 def test_group_metrics_and_table():
     assert group_metrics([0, 2, 3], [0, 1, 1]) == {"group_acc": pytest.approx(1 / 3), "group_dist": 1.0}
+    per_shot = group_metrics([0, 2, 3], [0, 1, 3], shots=np.array(["many", "few", "few"]))
+    assert per_shot["group_acc/many"] == 1.0 and per_shot["group_acc/few"] == 0.5
+    assert math.isnan(per_shot["group_acc/median"])
     m = shot_metrics([1, 2, 3], [1, 2, 3.5], TRAIN)
     result = {"predicted": {**m, "group_acc": 0.5, "group_dist": 1.0}, "oracle": {**m, "group_acc": 1.0, "group_dist": 0.0}}
     table = format_shot_table({"a": result, "b": result})
