@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from groupdir.config import ConfigError, load_config
-from groupdir.data.dir_format import DataError
-from groupdir.grouping import GroupingError
+from groupdir.config import load_config
+from groupdir.errors import ConfigError, GroupdirError
 
-USER_ERRORS = (ConfigError, DataError, GroupingError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (GroupdirError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

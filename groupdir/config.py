@@ -14,9 +14,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key."""
+from groupdir.errors import ConfigError
 
 
 @dataclass

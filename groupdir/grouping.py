@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class GroupingError(ValueError):
-    pass
+from groupdir.errors import GroupingError
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from groupdir import __version__
 from groupdir.config import Config, load_config
 from groupdir.data.dir_format import read_dir_table
 from groupdir.data.loaders import make_loader, normalize
+from groupdir.errors import TrainingError
 from groupdir.grouping import Grouping, make_grouping
 from groupdir.losses import group_contrastive_loss, label_weights, regression_loss, soft_label_loss
 from groupdir.losses.regression import label_bins
@@ -30,10 +31,6 @@ from groupdir.model import DIRNet, Output, route
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
@@ -88,6 +85,9 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                 step += 1
             train_terms = {f"train/{k}": v / len(loaders["train"]) for k, v in sums.items()}
             val = evaluate(model, loaders["val"], grouping, train_labels, cfg, device)["predicted"]
+            if math.isnan(val[cfg.select_metric]):
+                raise TrainingError(f"validation {cfg.select_metric} is NaN (no validation sample in that "
+                                    f"shot); pick another select_metric")
             improved = val[cfg.select_metric] < best
             if improved:
                 best = val[cfg.select_metric]

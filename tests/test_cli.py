@@ -30,3 +30,11 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "s"), "num_groups=500"]) == 2
     assert "exceeds the" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_naming_the_loss_term_and_step(tiny_synth, tmp_path, capsys):
+    assert main(["train", "--data", str(tiny_synth), "--out", str(tmp_path / "run"), "epochs=1",
+                 "batch_size=64", "num_groups=4", "lr=1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "loss term '" in err and "at epoch 1, step" in err
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -1,0 +1,126 @@
+"""The DIR layout: DATA_ROOT/<name>.csv with columns age,path,split plus the images it points to.
+
+Every row is checked before any training starts: a bad row is reported with the CSV file, its line
+number, the path and the field, so that a missing AgeDB file fails here and not in a worker hours later.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from groupdir.errors import DataError
+
+PRESET_CSV = {"synth": "synth_age.csv", "imdb-wiki-dir": "imdb_wiki.csv", "agedb-dir": "agedb.csv"}
+REQUIRED_COLUMNS = ("age", "path", "split")
+SPLITS = ("train", "val", "test")
+MAX_LISTED = 20
+
+
+@dataclass
+class DIRTable:
+    root: Path
+    csv: Path
+    labels: dict[str, np.ndarray]  # split -> float64 labels
+    paths: dict[str, list[Path]]   # split -> absolute image paths
+
+    def size(self, split: str) -> int:
+        return len(self.labels[split])
+
+
+def resolve_csv(root: str | Path, dataset: str = "auto", csv: str = "") -> Path:
+    """The CSV of a data root: explicit name, else the preset's, else the one preset CSV present."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a directory")
+    if csv:
+        name = csv
+    elif dataset != "auto":
+        name = PRESET_CSV[dataset]
+    else:
+        present = [n for n in PRESET_CSV.values() if (root / n).is_file()]
+        if len(present) != 1:
+            found = ", ".join(present) or "none"
+            raise DataError(f"{root}: cannot tell the data set; expected exactly one of "
+                            f"{', '.join(PRESET_CSV.values())} (found {found}); pass dataset= or csv=")
+        name = present[0]
+    path = root / name
+    if not path.is_file():
+        raise DataError(f"{path}: CSV file not found")
+    return path
+
+
+def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
+                   check_images: bool = True, threads: int = 8) -> DIRTable:
+    root = Path(root)
+    csv_path = resolve_csv(root, dataset, csv)
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{csv_path}: cannot read CSV: {err}") from err
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                        f"found {', '.join(frame.columns) or 'none'} (need age,path,split)")
+
+    problems: list[str] = []
+    ages = np.full(len(frame), np.nan)
+    for index, (age_text, path_text, split) in enumerate(zip(frame["age"], frame["path"], frame["split"])):
+        where = f"{csv_path.name} line {index + 2} (path {path_text!r})"
+        try:
+            age = float(age_text)
+        except ValueError:
+            problems.append(f"{where}: field 'age': {age_text!r} is not a number")
+            continue
+        if not math.isfinite(age):
+            problems.append(f"{where}: field 'age': {age_text!r} is not a finite number")
+        elif age < 0:
+            problems.append(f"{where}: field 'age': {age_text!r} is negative")
+        if split not in SPLITS:
+            problems.append(f"{where}: field 'split': {split!r} is not one of {', '.join(SPLITS)}")
+        if not path_text:
+            problems.append(f"{where}: field 'path' is empty")
+        ages[index] = age
+    _raise_if(problems, csv_path)
+
+    paths = [root / p for p in frame["path"]]
+    if check_images:
+        with ThreadPoolExecutor(threads) as pool:
+            reasons = list(pool.map(image_problem, paths))
+        problems = [f"{csv_path.name} line {i + 2} (path {frame['path'][i]!r}): field 'path': {reason}"
+                    for i, reason in enumerate(reasons) if reason]
+        _raise_if(problems, csv_path)
+
+    splits = frame["split"].to_numpy()
+    labels = {s: ages[splits == s] for s in SPLITS}
+    split_paths = {s: [p for p, keep in zip(paths, splits == s) if keep] for s in SPLITS}
+    for split in SPLITS:
+        if len(labels[split]) == 0:
+            raise DataError(f"{csv_path}: split {split!r} has no rows")
+    return DIRTable(root, csv_path, labels, split_paths)
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be used (missing, unreadable, truncated, not an image), else None."""
+    if not path.is_file():
+        return "image file is missing"
+    try:
+        with Image.open(path) as image:
+            image.load()  # a full decode catches truncated files that verify() lets through
+    except Exception as err:  # PIL raises many types for bad files; all mean the same here
+        return f"image cannot be decoded ({type(err).__name__}: {err})"
+    return None
+
+
+def _raise_if(problems: list[str], csv_path: Path) -> None:
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise DataError(f"{csv_path}: {len(problems)} bad row(s):\n  {shown}{more}")

@@ -1,0 +1,51 @@
+"""A torch Dataset over the DIR layout with the field's transforms, for small experiments.
+
+Train: Resize(S, S) -> RandomCrop(S, padding=S/14, i.e. 16 at 224) -> HorizontalFlip.
+Eval:  Resize(S, S). Images come out as uint8 (C, H, W); `normalize` maps a batch to the
+field's Normalize(mean 0.5, std 0.5) on whatever device the batch is on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+
+class DIRImageDataset(Dataset):
+    def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, train: bool):
+        self.paths = paths
+        self.labels = torch.as_tensor(labels, dtype=torch.float32)
+        self.image_size = image_size
+        padding = max(1, round(image_size / 14))
+        self.augment = v2.Compose([v2.RandomCrop(image_size, padding=padding),
+                                   v2.RandomHorizontalFlip()]) if train else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.paths[index]) as image:
+            # Grayscale and palette images become RGB; the resize is the field's square Resize(S, S).
+            image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        if self.augment is not None:
+            pixels = self.augment(pixels)
+        return pixels, self.labels[index], index
+
+
+def make_loader(paths, labels, image_size: int, batch_size: int, train: bool, workers: int = 0,
+                seed: int = 0) -> DataLoader:
+    dataset = DIRImageDataset(paths, labels, image_size, train)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
+                      num_workers=workers, generator=generator, persistent_workers=workers > 0)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], the field's Normalize(0.5, 0.5)."""
+    return images.float().div_(127.5).sub_(1.0)
