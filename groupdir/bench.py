@@ -16,7 +16,7 @@ import numpy as np
 
 from groupdir.config import load_config
 from groupdir.data.synth import SynthSpec, write_synth
-from groupdir.train import RESULTS, train
+from groupdir.train import RESULTS, train, write_json_atomic, write_text_atomic
 
 METHODS = {
     "Group-DIR": {"method": "groupdir"},
@@ -31,9 +31,18 @@ COLUMNS = ["mae/all", "mae/many", "mae/median", "mae/few", "gm/all", "gm/few", "
 
 def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int = 12,
                  overrides: list[str] | None = None) -> str:
+    settings = {"train_size": train_size, "epochs": epochs, "overrides": list(overrides or []),
+                "methods": METHODS}
+    if (out / "settings.json").is_file():
+        if json.loads((out / "settings.json").read_text()) != settings:
+            raise FileExistsError(f"{out} holds a benchmark run with other settings (see {out / 'settings.json'}); "
+                                  f"pick another --out or delete it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "settings.json", settings)
     data = out / "data"
     if not (data / "synth_age.csv").is_file():
-        write_synth(data, SynthSpec(train=train_size, seed=0))
+        write_synth(data, SynthSpec(train=train_size, seed=0), force=True)
     started = time.perf_counter()
     results: dict[str, list[dict]] = {name: [] for name in METHODS}
     for seed in range(seeds):
@@ -47,8 +56,8 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
             print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
             results[name].append(train(cfg, run_dir, progress=False))
     table = method_table(results, seeds, train_size, epochs, overrides or [])
-    (out / "method.md").write_text(table)
-    (out / "method.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "method.md", table)
+    write_json_atomic(out / "method.json", results)
     print(table)
     return table
 
@@ -64,7 +73,7 @@ def method_table(results: dict[str, list[dict]], seeds: int, train_size: int, ep
     for name, runs in results.items():
         cells = []
         for column in COLUMNS:
-            values = np.array([run["predicted"][column] for run in runs])
+            values = np.array([run["predicted"][column] for run in runs], dtype=float)  # null -> nan
             cells.append(f"{values.mean():.2f} +- {values.std():.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     oracle = np.array([run["oracle"]["mae/all"] for run in results["Group-DIR"]])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing --json file")
 
     demo = commands.add_parser("demo", help="synthetic data -> Group-DIR and vanilla -> shot tables")
     demo.add_argument("--out", default="demo")
@@ -90,15 +90,15 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from groupdir.metrics import format_shot_table
-    from groupdir.train import evaluate_checkpoint
+    from groupdir.train import evaluate_checkpoint, write_json_atomic
 
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
+    if args.json and Path(args.json).exists() and not args.force:
+        raise FileExistsError(f"{args.json} exists; pass --force to replace it")
     results = evaluate_checkpoint(args.checkpoint, args.data, args.split)
     print(f"{args.split} split of {args.data}")
     print(format_shot_table({Path(args.checkpoint).parent.name: results}))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json_atomic(Path(args.json), results)
     return 0
 
 

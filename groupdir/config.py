@@ -16,6 +16,13 @@ import yaml
 
 from groupdir.errors import ConfigError
 
+# Choices shared with the modules that use them; kept here so that reading a config stays light.
+PRESET_CSV = {"synth": "synth_age.csv", "imdb-wiki-dir": "imdb_wiki.csv", "agedb-dir": "agedb.csv"}
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+BACKENDS = ("auto", "torch", "naive")
+SIMILARITIES = ("cosine", "euclidean")
+SHOTS = ("all", "many", "median", "few")
+
 
 @dataclass
 class Config:
@@ -37,7 +44,7 @@ class Config:
     label_max: float | None = None
     temperature: float = 2.5       # t of paper Eq. 2
     similarity: str = "cosine"     # cosine (paper) | euclidean (authors' code)
-    loss_backend: str = "auto"     # auto | torch | naive
+    loss_backend: str = "auto"     # auto (= torch until the Triton kernel lands) | torch | naive
     group_loss: str = "soft"       # soft (paper's descending soft labels) | ce (plain cross-entropy)
     beta: float = 1.0              # slope of the soft labels
     lambda_grc: float = 1.0        # weight of the contrastive term (1 in the paper; 0 turns it off)
@@ -64,24 +71,25 @@ class Config:
 
     def validate(self) -> "Config":
         choices = {
-            "dataset": ("auto", "synth", "imdb-wiki-dir", "agedb-dir"),
+            "dataset": ("auto", *PRESET_CSV),
             "method": ("groupdir", "vanilla"),
             "grouping": ("equal_width", "equal_frequency"),
-            "similarity": ("cosine", "euclidean"),
-            "loss_backend": ("auto", "torch", "naive"),
+            "similarity": SIMILARITIES,
+            "loss_backend": BACKENDS,
             "group_loss": ("soft", "ce"),
             "reg_loss": ("l1", "mse"),
             "reweight": ("none", "inverse", "sqrt_inv"),
             "lds_kernel": ("gaussian", "triang", "laplace"),
-            "backbone": ("resnet18", "resnet34", "resnet50"),
+            "backbone": BACKBONES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         positive = ("image_size", "label_bin_width", "temperature", "epochs", "batch_size", "lr")
         for key in positive:
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key}={getattr(self, key)!r} must be > 0")
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key}={value!r} must be a finite number > 0")
         non_negative = ("loader_workers", "beta", "lambda_grc", "lambda_reg", "lambda_soft",
                         "weight_decay", "threads", "few_shot", "lds_sigma")
         for key in non_negative:
@@ -105,8 +113,9 @@ class Config:
             raise ConfigError("give both label_min and label_max, or neither")
         if self.label_min is not None and not self.label_min < self.label_max:
             raise ConfigError(f"label_min={self.label_min} must be < label_max={self.label_max}")
-        if self.select_metric.split("/")[0] not in ("mae", "mse", "gm", "bmae"):
-            raise ConfigError(f"select_metric={self.select_metric!r}: use mae|mse|gm|bmae/all|many|median|few")
+        metrics = [f"{m}/{shot}" for m in ("mae", "mse", "gm", "bmae") for shot in SHOTS]
+        if self.select_metric not in metrics:
+            raise ConfigError(f"select_metric={self.select_metric!r} is not one of {', '.join(metrics)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +140,11 @@ def _parse_value(key: str, text: Any, annotation: str) -> Any:
             raise ConfigError(f"{key}={text!r}: expected an integer")
         return value
     if annotation.startswith("float"):
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={text!r}: expected a number")
         return float(value)

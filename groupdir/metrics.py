@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
+from groupdir.config import SHOTS
 from groupdir.losses.regression import label_bins
 
-SHOTS = ("all", "many", "median", "few")
 GM_EPSILON = 1e-8
 
 
@@ -93,6 +93,7 @@ def format_shot_table(runs: dict[str, dict]) -> str:
                 r = runs[name][extra]
                 lines.append(f"{name}, {extra} route{' (true group, not a test result)' if extra == 'oracle' else ''}: "
                              + "  ".join(f"MAE {shot} {r[f'mae/{shot}']:.2f}" for shot in SHOTS))
+    lines.append("GM: geometric mean of |error|, errors clamped at 1e-8. bMAE: mean over labels of per-label MAE.")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+from groupdir.config import BACKBONES
+
 ROUTES = ("predicted", "soft", "oracle")
 
 

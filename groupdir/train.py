@@ -27,7 +27,7 @@ from groupdir.grouping import Grouping, make_grouping
 from groupdir.losses import group_contrastive_loss, label_weights, regression_loss, soft_label_loss
 from groupdir.losses.regression import label_bins
 from groupdir.metrics import group_metrics, shot_metrics, shot_of_bins
-from groupdir.model import DIRNet, Output, route
+from groupdir.model import ROUTES, DIRNet, Output, route
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
@@ -69,10 +69,10 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
             bar = tqdm(loaders["train"], desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=None if progress else True, dynamic_ncols=True)  # None: off when not a TTY
             for images, labels, _ in bar:
-                images, labels = normalize(images.to(device)), labels.to(device)
-                groups = torch.as_tensor(grouping.assign(labels.cpu().numpy()), device=device)
-                weights = torch.as_tensor(weigh(labels.cpu().numpy()), device=device) if weigh else None
-                terms = loss_terms(cfg, model(images), labels, groups, weights)
+                groups = torch.as_tensor(grouping.assign(labels.numpy()), device=device)
+                weights = torch.as_tensor(weigh(labels.numpy()), device=device) if weigh else None
+                output = model(normalize(images.to(device)))
+                terms = loss_terms(cfg, output, labels.to(device, torch.float32), groups, weights)
                 check_finite(terms, epoch, step)
                 optimizer.zero_grad(set_to_none=True)
                 terms["total"].backward()
@@ -95,11 +95,11 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
             record = {"epoch": epoch + 1, "seconds": time.perf_counter() - started, **train_terms,
                       **{f"val/{k}": v for k, v in val.items()}}
             history.append(record)
+            write_json_atomic(run_dir / "history.json", history)  # every epoch: a crash keeps what was done
             if progress:
                 print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {train_terms['train/total']:.3f}  "
                       f"val MAE {val['mae/all']:.2f}  val bMAE {val['bmae/all']:.2f}  "
                       f"group acc {val['group_acc']:.3f}{'  *best' if improved else ''}", flush=True)
-    write_json_atomic(run_dir / "history.json", history)
 
     # --- one test evaluation of the best-on-validation checkpoint -------------------------
     best_state = load_checkpoint(run_dir / CHECKPOINT)
@@ -136,7 +136,7 @@ def evaluate(model: DIRNet, loader, grouping: Grouping, train_labels: np.ndarray
              device: torch.device) -> dict[str, dict[str, float]]:
     """Shot and group metrics per route; vanilla has only the predicted route."""
     model.eval()
-    routes = ("predicted", "soft", "oracle") if cfg.method == "groupdir" else ("predicted",)
+    routes = ROUTES if cfg.method == "groupdir" else ("predicted",)
     predictions = {r: [] for r in routes}
     chosen_groups, targets = [], []
     for images, labels, _ in loader:
@@ -204,7 +204,12 @@ def save_checkpoint(path: Path, model: DIRNet, cfg: Config, grouping: Grouping, 
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"checkpoint {path} not found") from None
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise TrainingError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
 
 
 def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_size: int | None = None,
@@ -223,7 +228,23 @@ def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_
     return evaluate(model, loader, grouping, state["train_labels"].numpy(), cfg, target_device)
 
 
-def write_json_atomic(path: Path, payload) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path` and rename it: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Strict JSON (NaN, e.g. an empty shot, becomes null), written atomically."""
+    write_text_atomic(path, json.dumps(_nan_to_none(payload), indent=2, allow_nan=False))
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

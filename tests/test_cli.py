@@ -18,6 +18,14 @@ def test_synth_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
                  "--split", "val", "--json", str(tmp_path / "val.json")]) == 0
     assert "mae/all" in json.loads((tmp_path / "val.json").read_text())["predicted"]
+    assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
+                 "--json", str(tmp_path / "val.json")]) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+    # A checkpoint that is not one fails with one line, not a traceback.
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(tiny_synth)]) == 2
+    assert "cannot be loaded" in capsys.readouterr().err
 
 
 def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):

@@ -10,6 +10,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.num_groups == 25 and cfg.temperature == 1.5 and cfg.lds is True
     assert cfg.label_min == 0.0 and isinstance(cfg.label_min, float) and cfg.method == "vanilla"
     assert load_config().to_dict() == Config().to_dict()
+    assert load_config(overrides=["lr=1e-3"]).lr == 1e-3  # YAML alone would read 1e-3 as a string
 
 
 @pytest.mark.parametrize("override, message", [
@@ -18,12 +19,14 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("num_groups=0", "num_groups=0 must be >= 1"),
     ("num_groups=2.5", "num_groups='2.5': expected an integer"),
     ("lds=yes please", "lds='yes please': expected true or false"),
-    ("temperature=-1", "temperature=-1.0 must be > 0"),
+    ("temperature=-1", "temperature=-1.0 must be a finite number > 0"),
     ("batch_size=1", "batch_size=1 must be >= 2"),
     ("lds=true", "lds=true smooths the re-weighting counts"),
     ("label_min=5", "give both label_min and label_max"),
     ("epochs", "not of the form key=value"),
     ("similarity=dot", "similarity='dot'"),
+    ("select_metric=mae/al", "select_metric='mae/al' is not one of"),
+    ("temperature=.inf", "must be a finite number > 0"),
 ])
 def test_bad_settings_are_refused_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from groupdir.config import PRESET_CSV
 from groupdir.errors import DataError
 
-PRESET_CSV = {"synth": "synth_age.csv", "imdb-wiki-dir": "imdb_wiki.csv", "agedb-dir": "agedb.csv"}
 REQUIRED_COLUMNS = ("age", "path", "split")
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 20
@@ -61,7 +61,7 @@ def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
     root = Path(root)
     csv_path = resolve_csv(root, dataset, csv)
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=False)  # line numbers stay true
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DataError(f"{csv_path}: cannot read CSV: {err}") from err
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]

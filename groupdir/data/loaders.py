@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 class DIRImageDataset(Dataset):
     def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, train: bool):
         self.paths = paths
-        self.labels = torch.as_tensor(labels, dtype=torch.float32)
+        self.labels = torch.as_tensor(labels, dtype=torch.float64)  # exact, as in the CSV: bins and groups need it
         self.image_size = image_size
         padding = max(1, round(image_size / 14))
         self.augment = v2.Compose([v2.RandomCrop(image_size, padding=padding),

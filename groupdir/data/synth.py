@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groupdir.data.dir_format import PRESET_CSV
+from groupdir.config import PRESET_CSV
 
 MAX_AGE = 99
 
@@ -128,24 +128,33 @@ def write_synth(out: str | Path, spec: SynthSpec, force: bool = False) -> Path:
     Everything goes into a temporary folder beside OUT that is renamed when complete, so an
     interrupted run leaves no half-written data set; an existing OUT is replaced only with force.
     """
-    out = Path(out)
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rows = []
-    for split_index, (split, ages) in enumerate(sample_ages(spec).items()):
-        (tmp / "images" / split).mkdir(parents=True)
-        for index, age in enumerate(ages):
-            rng = np.random.default_rng([spec.seed, split_index, index])
-            relative = f"images/{split}/{index:06d}_{age:02d}.jpg"
-            Image.fromarray(render_face(age, rng, spec.image_size)).save(tmp / relative, quality=spec.jpeg_quality)
-            rows.append((int(age), relative, split))
-    with open(tmp / PRESET_CSV["synth"], "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["age", "path", "split"])
-        writer.writerows(rows)
+    try:
+        _write_files(tmp, spec)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out / PRESET_CSV["synth"]
+
+
+def _write_files(folder: Path, spec: SynthSpec) -> None:
+    rows = []
+    for split_index, (split, ages) in enumerate(sample_ages(spec).items()):
+        (folder / "images" / split).mkdir(parents=True)
+        for index, age in enumerate(ages):
+            rng = np.random.default_rng([spec.seed, split_index, index])
+            relative = f"images/{split}/{index:06d}_{age:02d}.jpg"
+            Image.fromarray(render_face(age, rng, spec.image_size)).save(folder / relative, quality=spec.jpeg_quality)
+            rows.append((int(age), relative, split))
+    with open(folder / PRESET_CSV["synth"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["age", "path", "split"])
+        writer.writerows(rows)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "naive")
-SIMILARITIES = ("cosine", "euclidean")
+from groupdir.config import BACKENDS, SIMILARITIES
+
 
 
 def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float = 2.5,
@@ -30,6 +30,8 @@ def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: f
     if z.dim() != 2 or groups.shape != (z.shape[0],):
         raise ValueError(f"expected z of shape (B, D) and groups of shape (B,), got {tuple(z.shape)} "
                          f"and {tuple(groups.shape)}")
+    if groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        raise ValueError(f"groups must hold integer group indices, got dtype {groups.dtype}")
     if z.shape[0] < 2:
         raise ValueError("the contrastive loss needs a batch of at least 2 samples")
     if not temperature > 0:
@@ -37,6 +39,7 @@ def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: f
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()  # accumulate in float32
     logits = pairwise_similarity(z, similarity) / temperature
+    groups = groups.long()
     distance = (groups[:, None] - groups[None, :]).abs()
     if backend == "naive":
         return _naive(logits, distance)

@@ -50,8 +50,11 @@ def label_weights(train_labels, reweight: str = "none", lds: bool = False, kerne
     if reweight == "none":
         return None
     bins = label_bins(train_labels, bin_width)
-    low = bins.min()
-    counts = np.bincount(bins - low).astype(np.float64)
+    # With LDS the histogram extends half a kernel past the observed labels, so edge bins are smoothed
+    # against empty neighbours (clipped to 5 for `inverse`) as in the field's code.
+    pad = kernel_size // 2 if lds else 0
+    low = bins.min() - pad
+    counts = np.bincount(bins - low, minlength=bins.max() + pad - low + 1).astype(np.float64)
     if reweight == "inverse":
         effective = np.clip(counts, 5, 1000)
     elif reweight == "sqrt_inv":

@@ -2,6 +2,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from groupdir.data import DataError, read_dir_table
@@ -46,6 +47,19 @@ def test_bad_rows_name_the_line_path_and_field(root, line, message):
     rewrite_line(root, 3, line)
     with pytest.raises(DataError, match=message):
         read_dir_table(root)
+
+
+def test_blank_line_is_reported_at_its_true_line_number(root):
+    rewrite_line(root, 4, "")
+    with pytest.raises(DataError, match=r"line 4 \(path ''\): field 'age': '' is not a number"):
+        read_dir_table(root)
+
+
+def test_non_integer_labels_stay_exact(root):
+    rewrite_line(root, 2, "0.7,img/0.jpg,train")
+    table = read_dir_table(root)
+    label = DIRImageDataset(table.paths["train"], table.labels["train"], 8, train=True)[0][1]
+    assert label.dtype == torch.float64 and label.item() == 0.7  # float32 would put 0.7 in bin 6 of width 0.1
 
 
 def test_corrupt_and_truncated_images_are_caught(root):

@@ -37,3 +37,6 @@ def test_write_synth_layout_is_valid_and_refuses_to_overwrite(tmp_path):
     write_synth(tmp_path / "s", spec, force=True)
     assert csv.read_text() == first  # deterministic for a seed
     assert not list(tmp_path.glob(".s.tmp-*"))  # no temporary folder left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        write_synth(tmp_path / "file", spec)

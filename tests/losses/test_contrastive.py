@@ -90,6 +90,11 @@ def test_bad_arguments_are_refused(kwargs, message):
         group_contrastive_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), **kwargs)
 
 
+def test_float_groups_are_refused():
+    with pytest.raises(ValueError, match="integer group indices"):
+        group_contrastive_loss(torch.randn(4, 3), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+
+
 def test_batch_of_one_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         group_contrastive_loss(torch.randn(1, 3), torch.tensor([0]))
