@@ -183,7 +183,7 @@ def init_regressor_bias(model: DIRNet, train_labels: np.ndarray, grouping: Group
 def check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
     for name, value in terms.items():
         if not torch.isfinite(value):
-            raise TrainingError(f"loss term '{name}' is {float(value)} at epoch {epoch + 1}, step {step}; "
+            raise TrainingError(f"loss term '{name}' is {value.item()} at epoch {epoch + 1}, step {step}; "
                                 f"stopping (try a lower lr or a higher temperature)")
 
 
