@@ -69,33 +69,29 @@ def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
         raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
                         f"found {', '.join(frame.columns) or 'none'} (need age,path,split)")
 
-    problems: list[str] = []
+    # Every problem of every row is collected first, so one run lists them all (by line).
+    problems: list[tuple[int, str]] = []
     ages = np.full(len(frame), np.nan)
     for index, (age_text, path_text, split) in enumerate(zip(frame["age"], frame["path"], frame["split"])):
-        where = f"{csv_path.name} line {index + 2} (path {path_text!r})"
-        try:
-            age = float(age_text)
-        except ValueError:
-            problems.append(f"{where}: field 'age': {age_text!r} is not a number")
-            continue
-        if not math.isfinite(age):
-            problems.append(f"{where}: field 'age': {age_text!r} is not a finite number")
-        elif age < 0:
-            problems.append(f"{where}: field 'age': {age_text!r} is negative")
+        age, reason = _parse_age(age_text)
+        if reason:
+            problems.append((index, f"field 'age': {age_text!r} {reason}"))
         if split not in SPLITS:
-            problems.append(f"{where}: field 'split': {split!r} is not one of {', '.join(SPLITS)}")
+            problems.append((index, f"field 'split': {split!r} is not one of {', '.join(SPLITS)}"))
         if not path_text:
-            problems.append(f"{where}: field 'path' is empty")
+            problems.append((index, "field 'path' is empty"))
         ages[index] = age
-    _raise_if(problems, csv_path)
 
     paths = [root / p for p in frame["path"]]
     if check_images:
         with ThreadPoolExecutor(threads) as pool:
             reasons = list(pool.map(image_problem, paths))
-        problems = [f"{csv_path.name} line {i + 2} (path {frame['path'][i]!r}): field 'path': {reason}"
-                    for i, reason in enumerate(reasons) if reason]
-        _raise_if(problems, csv_path)
+        problems += [(i, f"field 'path': {reason}") for i, reason in enumerate(reasons) if reason and frame["path"][i]]
+    if problems:
+        listed = [f"{csv_path.name} line {i + 2} (path {frame['path'][i]!r}): {text}" for i, text in sorted(problems)]
+        shown = "\n  ".join(listed[:MAX_LISTED])
+        more = f"\n  ... and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
+        raise DataError(f"{csv_path}: {len(listed)} problem(s):\n  {shown}{more}")
 
     splits = frame["split"].to_numpy()
     labels = {s: ages[splits == s] for s in SPLITS}
@@ -118,9 +114,14 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
-def _raise_if(problems: list[str], csv_path: Path) -> None:
-    if not problems:
-        return
-    shown = "\n  ".join(problems[:MAX_LISTED])
-    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    raise DataError(f"{csv_path}: {len(problems)} bad row(s):\n  {shown}{more}")
+def _parse_age(text: str) -> tuple[float, str | None]:
+    """The label and, if it cannot be used, why."""
+    try:
+        age = float(text)
+    except ValueError:
+        return math.nan, "is not a number"
+    if not math.isfinite(age):
+        return age, "is not a finite number"
+    if age < 0:
+        return age, "is negative"
+    return age, None

@@ -155,6 +155,6 @@ def _write_files(folder: Path, spec: SynthSpec) -> None:
             Image.fromarray(render_face(age, rng, spec.image_size)).save(folder / relative, quality=spec.jpeg_quality)
             rows.append((int(age), relative, split))
     with open(folder / PRESET_CSV["synth"], "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["age", "path", "split"])
         writer.writerows(rows)

@@ -69,15 +69,27 @@ def test_corrupt_and_truncated_images_are_caught(root):
     with pytest.raises(DataError) as err:
         read_dir_table(root)
     text = str(err.value)
-    assert "2 bad row(s)" in text
+    assert "2 problem(s)" in text
     assert "line 4 (path 'img/2.jpg'): field 'path': image cannot be decoded" in text
     assert "line 5 (path 'img/3.jpg'): field 'path': image cannot be decoded" in text
+
+
+def test_every_problem_of_every_row_is_listed_in_one_error(root):
+    rewrite_line(root, 2, "old,img/0.jpg,holdout")
+    rewrite_line(root, 5, "23,img/gone.jpg,val")
+    with pytest.raises(DataError) as err:
+        read_dir_table(root)
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    assert text.index("line 2 (path 'img/0.jpg'): field 'age': 'old' is not a number") \
+        < text.index("line 2 (path 'img/0.jpg'): field 'split': 'holdout'") \
+        < text.index("line 5 (path 'img/gone.jpg'): field 'path': image file is missing")
 
 
 def test_many_bad_rows_are_listed_up_to_twenty(root):
     rows = ["age,path,split"] + [f"-1,img/0.jpg,train" for _ in range(25)]
     (root / "agedb.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(DataError, match=r"25 bad row\(s\)[\s\S]*and 5 more"):
+    with pytest.raises(DataError, match=r"25 problem\(s\)[\s\S]*and 5 more"):
         read_dir_table(root)
 
 
