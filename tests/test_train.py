@@ -24,6 +24,9 @@ def test_tiny_run_learns(tiny_synth, tmp_path, method):
     # Validation MAE of the best checkpoint beats predicting the training mean for every sample.
     history = json.loads((tmp_path / "history.json").read_text())
     best_val = min(h["val/mae/all"] for h in history)
+    # The checkpoint is chosen on VALIDATION (select_metric), never on test.
+    val_metric = [h["val/bmae/all"] for h in history]
+    assert results["best_epoch"] == int(np.argmin(val_metric)) + 1
     from groupdir.data import read_dir_table
     table = read_dir_table(tiny_synth)
     mean_baseline = np.abs(table.labels["val"] - table.labels["train"].mean()).mean()
