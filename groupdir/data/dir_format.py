@@ -88,7 +88,7 @@ def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
             reasons = list(pool.map(image_problem, paths))
         problems += [(i, f"field 'path': {reason}") for i, reason in enumerate(reasons) if reason and frame["path"][i]]
     if problems:
-        listed = [f"{csv_path.name} line {i + 2} (path {frame['path'][i]!r}): {text}" for i, text in sorted(problems)]
+        listed = [f"{csv_path.name} line {i + 2} (path {frame['path'][i]!r}): {text}" for i, text in sorted(problems, key=lambda p: p[0])]
         shown = "\n  ".join(listed[:MAX_LISTED])
         more = f"\n  ... and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         raise DataError(f"{csv_path}: {len(listed)} problem(s):\n  {shown}{more}")
