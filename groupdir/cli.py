@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from groupdir.config import load_config
+from groupdir.config import PRESET_CSV, load_config
 from groupdir.errors import ConfigError, GroupdirError
+
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes
 
 USER_ERRORS = (GroupdirError, FileExistsError, FileNotFoundError)
 
@@ -32,6 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", help="run folder (default runs/<method>-<time>)")
     train.add_argument("--force", action="store_true", help="reuse a run folder that already holds results")
     train.add_argument("overrides", nargs="*", metavar="key=value")
+
+    prepare = commands.add_parser("prepare", help="validate a DIR data set and encode it into FFCV shards")
+    prepare.add_argument("--root", required=True, help="DIR data root (CSV + images)")
+    prepare.add_argument("--out", required=True, help="shards folder to write")
+    prepare.add_argument("--dataset", default="auto", choices=("auto", *PRESET_CSV),
+                         help="preset naming the CSV (default: the one preset CSV present)")
+    prepare.add_argument("--csv", default="", help="CSV file name inside --root (overrides --dataset)")
+    prepare.add_argument("--max-resolution", type=int, default=256, help="longest side kept (default 256)")
+    prepare.add_argument("--jpeg-quality", type=int, default=90)
+    prepare.add_argument("--write-mode", default="smart", choices=WRITE_MODES)
+    prepare.add_argument("--num-shards", type=int, default=1, help=".beton files per split (default 1)")
+    prepare.add_argument("--workers", type=int, default=-1, help="encoding processes (default: all cores)")
+    prepare.add_argument("--label-bin-width", type=float, default=1.0, help="histogram / shot bin width")
+    prepare.add_argument("--force", action="store_true", help="replace an existing shards folder")
+    prepare.add_argument("--skip-bad", action="store_true", help="leave bad rows out and list them in meta.json")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a split")
     evaluate.add_argument("--checkpoint", required=True)
@@ -69,6 +86,20 @@ def cmd_synth(args) -> int:
     csv = write_synth(args.out, SynthSpec(train=args.train, seed=args.seed, image_size=args.image_size,
                                           eval_cap=args.eval_cap), force=args.force)
     print(f"wrote {csv} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from groupdir.data.shards import Encoding, prepare
+
+    started = time.perf_counter()
+    meta = prepare(args.root, args.out, args.dataset, args.csv,
+                   Encoding(args.max_resolution, args.jpeg_quality, args.write_mode), workers=args.workers,
+                   num_shards=args.num_shards, force=args.force, skip_bad=args.skip_bad,
+                   label_bin_width=args.label_bin_width)
+    rows = ", ".join(f"{split} {count}" for split, count in meta["rows"].items())
+    print(f"wrote {args.out} in {time.perf_counter() - started:.1f} s: {rows} rows"
+          + (f"; skipped {len(meta['skipped'])} bad row(s), listed in meta.json" if meta["skipped"] else ""))
     return 0
 
 
@@ -145,7 +176,7 @@ def claim_run_dir(run_dir: Path, force: bool) -> None:
             raise FileExistsError(f"{run_dir} already holds a run; pick another --out or pass --force")
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

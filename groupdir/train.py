@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from groupdir import __version__
 from groupdir.config import Config, load_config
-from groupdir.data.dir_format import read_dir_table
-from groupdir.data.loaders import make_loader, normalize
+from groupdir.data import open_data
+from groupdir.data.loaders import normalize
 from groupdir.errors import TrainingError
 from groupdir.grouping import Grouping, make_grouping
 from groupdir.losses import group_contrastive_loss, label_weights, regression_loss, soft_label_loss
@@ -42,15 +42,11 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # --- data and groups ------------------------------------------------------------------
-    table = read_dir_table(cfg.data, cfg.dataset, cfg.csv)
-    train_labels = table.labels["train"]
+    train_labels, loaders = open_data(cfg)
     label_range = (cfg.label_min, cfg.label_max) if cfg.label_min is not None else None
     grouping = make_grouping(train_labels, cfg.num_groups, cfg.grouping, label_range)
     weigh = label_weights(train_labels, cfg.reweight, cfg.lds, cfg.lds_kernel, cfg.lds_ks,
                           cfg.lds_sigma, cfg.label_bin_width)
-    loaders = {split: make_loader(table.paths[split], table.labels[split], cfg.image_size, cfg.batch_size,
-                                  train=split == "train", workers=cfg.loader_workers, seed=cfg.seed)
-               for split in ("train", "val", "test")}
 
     # --- model and optimiser --------------------------------------------------------------
     model = DIRNet(cfg.backbone, cfg.num_groups, grouped=cfg.method == "groupdir")
@@ -221,9 +217,9 @@ def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_
     model.load_state_dict(state["model"])
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(target_device)
-    table = read_dir_table(cfg.data, cfg.dataset, cfg.csv)
-    loader = make_loader(table.paths[split], table.labels[split], cfg.image_size,
-                         batch_size or cfg.batch_size, train=False, workers=cfg.loader_workers)
+    if batch_size:
+        cfg.batch_size = batch_size
+    loader = open_data(cfg, [split], augmented=None)[1][split]
     grouping = Grouping(tuple(state["group_edges"]))
     return evaluate(model, loader, grouping, state["train_labels"].numpy(), cfg, target_device)
 

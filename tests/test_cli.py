@@ -46,3 +46,20 @@ def test_a_diverging_run_stops_naming_the_loss_term_and_step(tiny_synth, tmp_pat
     err = capsys.readouterr().err
     assert "loss term '" in err and "at epoch 1, step" in err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_prepare_then_train_on_shards(tiny_synth, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards), "--dataset", "synth",
+                 "--max-resolution", "32", "--workers", "1"]) == 0
+    assert "train 600" in capsys.readouterr().out
+    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["prepare", "--root", str(tiny_synth), "--out", str(tmp_path / "x"), "--num-shards", "5000"]) == 2
+    assert "fewer than --num-shards 5000" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(shards), "--out", str(run), "epochs=1", "batch_size=64",
+                 "num_groups=4", "image_size=16"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    test_rows = json.loads((shards / "meta.json").read_text())["rows"]["test"]
+    assert results["predicted"]["n/all"] == test_rows  # every test row, read from the shards

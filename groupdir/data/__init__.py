@@ -1,6 +1,30 @@
-"""DIR data sets: the field's CSV layout and its validation, the synthetic generator, torch loaders."""
+"""DIR data sets: the field's CSV layout and its validation, the synthetic generator, FFCV shards,
+and `open_data`, the one entry point the training loop uses for either kind of data root."""
+
+from __future__ import annotations
+
+import numpy as np
 
 from groupdir.data.dir_format import DataError, DIRTable, read_dir_table, resolve_csv
 from groupdir.data.loaders import DIRImageDataset, make_loader
+from groupdir.data.shards import is_shards_dir, shard_labels
 
-__all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDataset", "make_loader"]
+__all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDataset", "make_loader", "open_data"]
+
+
+def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "train") -> tuple[np.ndarray, dict]:
+    """(training labels, {split: loader}) for `cfg.data`: FFCV shards (a folder with meta.json, the
+    default path) or a DIR data root read with torch's DataLoader (for small experiments). The
+    `augmented` split gets the training transforms and a shuffled order."""
+    if is_shards_dir(cfg.data):
+        from groupdir.data.ffcv_loader import ShardLoader
+
+        loaders = {split: ShardLoader(cfg.data, split, cfg.image_size, cfg.batch_size, train=split == augmented,
+                                      seed=cfg.seed, workers=max(1, cfg.loader_workers))
+                   for split in splits}
+        return shard_labels(cfg.data, "train"), loaders
+    table = read_dir_table(cfg.data, cfg.dataset, cfg.csv)
+    loaders = {split: make_loader(table.paths[split], table.labels[split], cfg.image_size, cfg.batch_size,
+                                  train=split == augmented, workers=cfg.loader_workers, seed=cfg.seed)
+               for split in splits}
+    return table.labels["train"], loaders

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class DIRTable:
     csv: Path
     labels: dict[str, np.ndarray]  # split -> float64 labels
     paths: dict[str, list[Path]]   # split -> absolute image paths
+    skipped: list[dict] = field(default_factory=list)  # rows left out with skip_bad: line, path, reason
 
     def size(self, split: str) -> int:
         return len(self.labels[split])
@@ -57,7 +58,8 @@ def resolve_csv(root: str | Path, dataset: str = "auto", csv: str = "") -> Path:
 
 
 def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
-                   check_images: bool = True, threads: int = 8) -> DIRTable:
+                   check_images: bool = True, threads: int = 8, skip_bad: bool = False) -> DIRTable:
+    """Read and check every row; bad rows raise DataError, or with skip_bad are left out and listed."""
     root = Path(root)
     csv_path = resolve_csv(root, dataset, csv)
     try:
@@ -87,19 +89,23 @@ def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
         with ThreadPoolExecutor(threads) as pool:
             reasons = list(pool.map(image_problem, paths))
         problems += [(i, f"field 'path': {reason}") for i, reason in enumerate(reasons) if reason and frame["path"][i]]
-    if problems:
-        listed = [f"{csv_path.name} line {i + 2} (path {frame['path'][i]!r}): {text}" for i, text in sorted(problems, key=lambda p: p[0])]
+    problems.sort(key=lambda problem: problem[0])
+    if problems and not skip_bad:
+        listed = [f"{csv_path.name} line {i + 2} (path {frame['path'][i]!r}): {text}" for i, text in problems]
         shown = "\n  ".join(listed[:MAX_LISTED])
         more = f"\n  ... and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         raise DataError(f"{csv_path}: {len(listed)} problem(s):\n  {shown}{more}")
+    skipped = [{"line": i + 2, "path": frame["path"][i], "reason": text} for i, text in problems]
+    good = np.ones(len(frame), dtype=bool)
+    good[[i for i, _ in problems]] = False
 
     splits = frame["split"].to_numpy()
-    labels = {s: ages[splits == s] for s in SPLITS}
-    split_paths = {s: [p for p, keep in zip(paths, splits == s) if keep] for s in SPLITS}
+    labels = {s: ages[good & (splits == s)] for s in SPLITS}
+    split_paths = {s: [p for p, keep in zip(paths, good & (splits == s)) if keep] for s in SPLITS}
     for split in SPLITS:
         if len(labels[split]) == 0:
             raise DataError(f"{csv_path}: split {split!r} has no rows")
-    return DIRTable(root, csv_path, labels, split_paths)
+    return DIRTable(root, csv_path, labels, split_paths, skipped)
 
 
 def image_problem(path: Path) -> str | None:

@@ -1,0 +1,171 @@
+"""FFCV shards: a validated DIR data set encoded once (`groupdir prepare`), then streamed by FFCV.
+
+Layout of SHARDS/:
+  train.beton, val.beton, test.beton          (one shard per split), or
+  train-00000-of-00004.beton ...              (--num-shards 4)
+  labels-train.npy, labels-val.npy, ...       every split's labels in shard order, float64, exact
+  meta.json                                   provenance, counts, histogram, shots, encoding, shards
+
+Each sample holds the image (RGBImageField), the label (FloatField, float64 as in the CSV) and its
+row number inside the split. Everything is written into a temporary folder beside SHARDS that is
+renamed when complete, so an interrupted prepare leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from groupdir import __version__
+from groupdir.data.dir_format import SPLITS, DIRTable, read_dir_table
+from groupdir.errors import ConfigError, DataError
+from groupdir.metrics import shot_of_bins
+from groupdir.losses.regression import label_bins
+
+META = "meta.json"
+
+
+@dataclass
+class Encoding:
+    max_resolution: int = 256     # longest side kept, in pixels
+    jpeg_quality: int = 90
+    write_mode: str = "smart"     # jpg | raw | smart | proportion (FFCV's RGBImageField modes)
+    compress_probability: float = 0.5  # for write_mode=proportion
+
+
+def shard_names(split: str, num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return [f"{split}.beton"]
+    return [f"{split}-{k:05d}-of-{num_shards:05d}.beton" for k in range(num_shards)]
+
+
+def prepare(root: str | Path, out: str | Path, dataset: str = "auto", csv: str = "",
+            encoding: Encoding | None = None, workers: int = -1, num_shards: int = 1, force: bool = False,
+            skip_bad: bool = False, label_bin_width: float = 1.0, many_shot: int = 100,
+            few_shot: int = 20) -> dict:
+    """Validate every row of a DIR data root, encode it into FFCV shards at `out`; return meta.json."""
+    encoding = encoding or Encoding()
+    out = Path(out).resolve()
+    if num_shards < 1:
+        raise ConfigError(f"--num-shards {num_shards} must be >= 1")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    table = read_dir_table(root, dataset, csv, skip_bad=skip_bad)
+    for split in SPLITS:
+        if table.size(split) < num_shards:
+            raise DataError(f"{table.csv}: split {split!r} has {table.size(split)} rows, fewer than "
+                            f"--num-shards {num_shards}")
+
+    _remove_stale_temporaries(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        shards = {split: _write_split(table, split, tmp, encoding, workers, num_shards) for split in SPLITS}
+        meta = _meta(table, encoding, shards, label_bin_width, many_shot, few_shot)
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete what a killed prepare left beside `out` (its process is gone); live ones are kept."""
+    for folder in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _SplitRows:
+    """What FFCV's writer indexes: (uint8 HxWx3 image, float64 label, row number in the split)."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, rows: np.ndarray):
+        self.paths, self.labels, self.rows = paths, labels, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        with Image.open(self.paths[row]) as image:
+            pixels = np.asarray(image.convert("RGB"))  # grayscale and palette images become RGB
+        return pixels, float(self.labels[row]), row
+
+
+def _write_split(table: DIRTable, split: str, folder: Path, encoding: Encoding, workers: int,
+                 num_shards: int) -> list[dict]:
+    from ffcv.fields import FloatField, IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    labels = table.labels[split]
+    # Rows are dealt to shards round-robin, so every shard spans the whole label range even when
+    # the CSV is sorted by label.
+    shards = []
+    order = []
+    for k, name in enumerate(shard_names(split, num_shards)):
+        rows = np.arange(k, len(labels), num_shards)
+        fields = {"image": RGBImageField(write_mode=encoding.write_mode, max_resolution=encoding.max_resolution,
+                                         jpeg_quality=encoding.jpeg_quality,
+                                         compress_probability=encoding.compress_probability),
+                  "label": FloatField(), "row": IntField()}
+        writer = DatasetWriter(str(folder / name), fields, num_workers=workers)
+        writer.from_indexed_dataset(_SplitRows(table.paths[split], labels, rows))
+        shards.append({"file": name, "rows": len(rows)})
+        order.append(rows)
+    np.save(folder / f"labels-{split}.npy", labels[np.concatenate(order)])
+    return shards
+
+
+def _meta(table: DIRTable, encoding: Encoding, shards: dict, bin_width: float, many: int, few: int) -> dict:
+    train = table.labels["train"]
+    bins, counts = np.unique(label_bins(train, bin_width), return_counts=True)
+    shots = shot_of_bins(bins, train, many, few, bin_width)
+    every = np.concatenate([table.labels[s] for s in SPLITS])
+    return {
+        "dataset": table.csv.stem,
+        "groupdir_version": __version__,
+        "source_csv": str(table.csv),
+        "source_csv_sha256": hashlib.sha256(table.csv.read_bytes()).hexdigest(),
+        "rows": {s: table.size(s) for s in SPLITS},
+        "label_bin_width": bin_width,
+        "train_label_histogram": {f"{b * bin_width:g}": int(c) for b, c in zip(bins, counts)},
+        "label_range": [float(every.min()), float(every.max())],
+        "shots": {"many_shot": many, "few_shot": few,
+                  "per_bin": {f"{b * bin_width:g}": str(s) for b, s in zip(bins, shots)}},
+        "encoding": asdict(encoding),
+        "shards": shards,
+        "skipped": table.skipped,
+    }
+
+
+def read_meta(shards_dir: str | Path) -> dict:
+    return json.loads((Path(shards_dir) / META).read_text())
+
+
+def is_shards_dir(path: str | Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def shard_labels(shards_dir: str | Path, split: str) -> np.ndarray:
+    return np.load(Path(shards_dir) / f"labels-{split}.npy")

@@ -1,0 +1,145 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from groupdir.data import DataError, read_dir_table
+from groupdir.data.ffcv_loader import ShardLoader
+from groupdir.data.shards import Encoding, prepare, read_meta, shard_labels
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "synth"
+    prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
+    return out
+
+
+def read_all(shards_dir, split, **kwargs):
+    loader = ShardLoader(shards_dir, split, image_size=16, batch_size=50, train=False, workers=1, **kwargs)
+    images, labels, rows = [], [], []
+    for batch_images, batch_labels, batch_rows in loader:
+        images.append(batch_images.shape)
+        labels.append(batch_labels.numpy())
+        rows.append(batch_rows.numpy())
+    return images, np.concatenate(labels), np.concatenate(rows)
+
+
+def test_round_trip_labels_shapes_counts_and_histogram(tiny_synth, shards):
+    table = read_dir_table(tiny_synth)
+    meta = read_meta(shards)
+    for split in SPLITS:
+        shapes, labels, rows = read_all(shards, split)
+        assert meta["rows"][split] == table.size(split) == len(labels)
+        assert sorted(rows.tolist()) == list(range(table.size(split)))  # every row exactly once
+        np.testing.assert_array_equal(labels, table.labels[split][rows])  # float64, exactly the CSV's
+        assert labels.dtype == np.float64
+        assert all(shape[1:] == (3, 16, 16) for shape in shapes)
+        assert sorted(shard_labels(shards, split).tolist()) == sorted(table.labels[split].tolist())
+    recount = {}
+    for label in table.labels["train"]:
+        recount[f"{int(label)}"] = recount.get(f"{int(label)}", 0) + 1
+    assert meta["train_label_histogram"] == recount
+    assert meta["source_csv_sha256"] and meta["encoding"]["max_resolution"] == 32
+    assert set(meta["shots"]["per_bin"].values()) <= {"many", "median", "few"}
+
+
+def test_four_shards_are_dealt_to_two_ranks_disjointly(tiny_synth, tmp_path):
+    out = tmp_path / "four"
+    meta = prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1, num_shards=4)
+    assert [s["file"] for s in meta["shards"]["train"]][0] == "train-00000-of-00004.beton"
+    assert sum(s["rows"] for s in meta["shards"]["train"]) == 600
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            loader = ShardLoader(out, "val", 16, 50, train=False, workers=1, rank=rank, world_size=2)
+            loader.epoch = epoch
+            seen.append(set(read_rows(loader)))
+        assert not seen[0] & seen[1]
+        assert seen[0] | seen[1] == set(range(meta["rows"]["val"]))
+    # Training: every rank yields the same number of batches, and the same seed the same order.
+    first = [list(read_rows(ShardLoader(out, "train", 16, 32, train=True, seed=3, workers=1, rank=r, world_size=2)))
+             for r in (0, 1)]
+    again = list(read_rows(ShardLoader(out, "train", 16, 32, train=True, seed=3, workers=1, rank=0, world_size=2)))
+    assert len(first[0]) == len(first[1]) and first[0] == again
+
+
+def read_rows(loader):
+    for _, _, rows in loader:
+        yield from rows.tolist()
+
+
+def test_restored_epoch_counter_gives_that_epochs_order(shards):
+    loader = ShardLoader(shards, "train", 16, 50, train=True, seed=1, workers=1)
+    orders = [list(read_rows(loader)) for _ in range(3)]
+    assert orders[0] != orders[1]
+    resumed = ShardLoader(shards, "train", 16, 50, train=True, seed=1, workers=1)
+    resumed.epoch = 2
+    assert list(read_rows(resumed)) == orders[2]
+
+
+def small_root(tmp_path):
+    (tmp_path / "img").mkdir(parents=True)
+    rows = ["age,path,split"]
+    for i, split in enumerate(["train", "train", "val", "test"]):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(tmp_path / f"img/{i}.jpg")
+        rows.append(f"{20 + i},img/{i}.jpg,{split}")
+    (tmp_path / "agedb.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda root: (root / "img/1.jpg").write_bytes(b"garbage"), "image cannot be decoded"),
+    (lambda root: (root / "img/1.jpg").write_bytes((root / "img/1.jpg").read_bytes()[:300]), "image cannot be decoded"),
+    (lambda root: (root / "img/1.jpg").unlink(), "image file is missing"),
+    (lambda root: (root / "agedb.csv").write_text("age,path\n20,img/0.jpg\n"), "missing column"),
+    (lambda root: (root / "agedb.csv").write_text("age,path,split\nnan,img/0.jpg,train\n"), "not a finite number"),
+    (lambda root: (root / "agedb.csv").write_text("age,path,split\n-3,img/0.jpg,train\n"), "is negative"),
+    (lambda root: (root / "agedb.csv").write_text("age,path,split\n3,img/0.jpg,dev\n"), "not one of train"),
+])
+def test_bad_input_gives_its_error_and_no_output(tmp_path, breakage, message):
+    root = small_root(tmp_path / "root")
+    breakage(root)
+    with pytest.raises(DataError, match=message):
+        prepare(root, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_existing_output_needs_force_and_skip_bad_lists_rows(tmp_path):
+    root = small_root(tmp_path / "root")
+    # A grayscale image and a non-ASCII file name are fine; a corrupt one is skipped on request.
+    Image.fromarray(np.full((30, 30), 99, np.uint8), mode="L").save(root / "img/ägé_0.jpg")
+    (root / "img/1.jpg").write_bytes(b"garbage")
+    csv = (root / "agedb.csv").read_text().replace("img/0.jpg", "img/ägé_0.jpg")
+    (root / "agedb.csv").write_text(csv + "21,img/0.jpg,train\n")
+    meta = prepare(root, tmp_path / "out", workers=1, skip_bad=True)
+    assert meta["rows"]["train"] == 2
+    assert meta["skipped"] == [{"line": 3, "path": "img/1.jpg", "reason": meta["skipped"][0]["reason"]}]
+    assert "cannot be decoded" in meta["skipped"][0]["reason"]
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["skipped"] == meta["skipped"]
+    with pytest.raises(FileExistsError, match="--force"):
+        prepare(root, tmp_path / "out", workers=1, skip_bad=True)
+    prepare(root, tmp_path / "out", workers=1, skip_bad=True, force=True)
+
+
+def test_a_killed_prepare_leaves_no_shards_folder(tiny_synth, tmp_path):
+    out = tmp_path / "killed"
+    script = ("import sys; from groupdir.data.shards import prepare, Encoding; "
+              f"prepare({str(tiny_synth)!r}, {str(out)!r}, encoding=Encoding(write_mode='raw'), workers=1)")
+    process = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".killed.tmp-*/*.beton")) and time.time() < deadline:
+        time.sleep(0.05)  # wait until it is writing shards
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    # The next prepare clears what the killed one left and completes.
+    prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
+    assert out.exists() and not list(tmp_path.glob(".killed.tmp-*"))
