@@ -110,3 +110,62 @@ def metric(runs: list[dict], key: str, route: str = "predicted") -> np.ndarray:
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+LOADER_ENCODINGS = (("jpg", 500), ("jpg", 256), ("raw", 256))  # FFCV write mode, max_resolution
+
+
+def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int = 2, batch_size: int = 128,
+                 epochs: int = 2) -> str:
+    """FFCV vs torchvision/PIL over the same faces: same workers, decode, crop, flip and output size.
+
+    Both read the training split of one synthetic set of 250-500 px JPEGs: torchvision from the
+    JPEG files (PIL decode -> Resize -> RandomCrop with padding -> flip), FFCV from shards
+    (decode -> resize -> RandomTranslate -> flip) in three encodings: the same images as JPEG at full
+    size, JPEG capped at 256 px, and raw pixels capped at 256 px. One untimed pass warms the page
+    cache and FFCV's JIT; then `epochs` timed passes each, side by side.
+    """
+    from groupdir.data.dir_format import read_dir_table
+    from groupdir.data.ffcv_loader import ShardLoader
+    from groupdir.data.loaders import make_loader
+    from groupdir.data.shards import Encoding, is_shards_dir, prepare
+
+    data = out / "data"
+    if not (data / "synth_age.csv").is_file():
+        write_synth(data, SynthSpec(train=images, eval_cap=1, eval_min=1, image_size=250, image_size_max=500),
+                    force=True)
+    shards = {}
+    for mode, resolution in LOADER_ENCODINGS:
+        shards[mode, resolution] = out / f"shards-{mode}-{resolution}"
+        if not is_shards_dir(shards[mode, resolution]):
+            prepare(data, shards[mode, resolution], encoding=Encoding(max_resolution=resolution, write_mode=mode),
+                    workers=workers, force=True)
+    table = read_dir_table(data, check_images=False)
+
+    def rate(loader) -> float:
+        for _ in loader:  # warm-up
+            pass
+        count, started = 0, time.perf_counter()
+        for _ in range(epochs):
+            for batch, _, _ in loader:
+                count += len(batch)
+        return count / (time.perf_counter() - started)
+
+    header = " | ".join(f"FFCV {mode} {resolution} px" for mode, resolution in LOADER_ENCODINGS)
+    lines = [f"Loader throughput in images/s (ratio to torchvision), training split of {table.size('train')} "
+             f"synthetic faces of 250-500 px, {workers} worker processes each, batch {batch_size}, "
+             f"{epochs} timed passes after one warm-up",
+             "", f"| output size | torchvision/PIL | {header} |", "|---:|---:|" + "---:|" * len(LOADER_ENCODINGS)]
+    for size in sizes:
+        baseline = rate(make_loader(table.paths["train"], table.labels["train"], size, batch_size, train=True,
+                                    workers=workers))
+        cells = []
+        for key in LOADER_ENCODINGS:
+            ffcv = rate(ShardLoader(shards[key], "train", size, batch_size, train=True, workers=workers))
+            cells.append(f"{ffcv:.0f} ({ffcv / baseline:.2f}x)")
+        lines.append(f"| {size} | {baseline:.0f} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(out / "loader.md", text)
+    print(text)
+    return text

@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
+    loader = bench_kinds.add_parser("loader", help="FFCV vs a torchvision/PIL DataLoader, images per second")
+    loader.add_argument("--out", default="bench/loader")
+    loader.add_argument("--images", type=int, default=2000, help="training images, 250-500 px faces")
+    loader.add_argument("--sizes", type=int, nargs="+", default=[112, 224], help="output sizes")
+    loader.add_argument("--workers", type=int, default=2, help="loader processes for both (default 2)")
+    loader.add_argument("--batch-size", type=int, default=128)
+    loader.add_argument("--epochs", type=int, default=2, help="timed passes after one warm-up pass")
     method = bench_kinds.add_parser("method", help="Group-DIR vs vanilla vs SQINV+LDS, several seeds")
     method.add_argument("--out", default="bench/method")
     method.add_argument("--seeds", type=int, default=3)
@@ -162,10 +169,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from groupdir.bench import bench_method
+    from groupdir.bench import bench_loader, bench_method
 
-    bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
-                 overrides=args.overrides)
+    if args.kind == "loader":
+        bench_loader(Path(args.out), images=args.images, sizes=args.sizes, workers=args.workers,
+                     batch_size=args.batch_size, epochs=args.epochs)
+    else:
+        bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
+                     overrides=args.overrides)
     return 0
 
 

@@ -30,3 +30,14 @@ def test_claims_verdicts_follow_the_numbers():
     results["vanilla"][0]["predicted"]["mae/median"] = None  # an empty shot, as results.json stores it
     assert "cannot be tested" in claims(results)[0]
     assert "group accuracy: does NOT hold" in lines[2]
+
+
+def test_bench_loader_measures_every_loader_side_by_side(tmp_path):
+    from groupdir.bench import LOADER_ENCODINGS, bench_loader
+
+    table = bench_loader(tmp_path, images=40, sizes=[32], workers=1, batch_size=8, epochs=1)
+    row = [line for line in table.splitlines() if line.startswith("| 32 |")][0]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert len(cells) == 2 + len(LOADER_ENCODINGS)
+    assert all(float(cell.split()[0]) > 0 for cell in cells[1:])
+    assert (tmp_path / "loader.md").read_text() == table

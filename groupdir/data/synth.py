@@ -31,6 +31,7 @@ class SynthSpec:
     eval_cap: int = 12      # val and test images per age, at most
     eval_min: int = 4       # ... and at least
     image_size: int = 64    # side of the written JPEGs
+    image_size_max: int = 0  # if larger, each face gets a side drawn from [image_size, image_size_max]
     seed: int = 0
     jpeg_quality: int = 90
 
@@ -152,7 +153,9 @@ def _write_files(folder: Path, spec: SynthSpec) -> None:
         for index, age in enumerate(ages):
             rng = np.random.default_rng([spec.seed, split_index, index])
             relative = f"images/{split}/{index:06d}_{age:02d}.jpg"
-            Image.fromarray(render_face(age, rng, spec.image_size)).save(folder / relative, quality=spec.jpeg_quality)
+            size = int(rng.integers(spec.image_size, spec.image_size_max + 1)) if spec.image_size_max > spec.image_size \
+                else spec.image_size
+            Image.fromarray(render_face(age, rng, size)).save(folder / relative, quality=spec.jpeg_quality)
             rows.append((int(age), relative, split))
     with open(folder / PRESET_CSV["synth"], "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
