@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -143,3 +144,49 @@ def test_a_killed_prepare_leaves_no_shards_folder(tiny_synth, tmp_path):
     # The next prepare clears what the killed one left and completes.
     prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
     assert out.exists() and not list(tmp_path.glob(".killed.tmp-*"))
+
+
+def _ddp_rank(rank: int, world_size: int, store: str, shards_dir: str, result: str) -> None:
+    """One DDP rank (gloo on the CPU): the rows it is given for epochs 0 and 1, and epoch 1 again
+    from a fresh loader whose epoch counter was restored."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        def rows_of(loader):
+            return [int(r) for _, _, rows in loader for r in rows]
+
+        loader = ShardLoader(shards_dir, "train", 16, 16, train=True, seed=5, workers=1, rank=rank,
+                             world_size=world_size)
+        epochs = [rows_of(loader), rows_of(loader)]
+        restored = ShardLoader(shards_dir, "train", 16, 16, train=True, seed=5, workers=1, rank=rank,
+                               world_size=world_size)
+        restored.epoch = 1
+        Path(result).write_text(json.dumps({"epochs": epochs, "restored": rows_of(restored)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("num_shards", [1, 4])
+def test_two_ddp_ranks_get_disjoint_rows_covering_the_split(tiny_synth, tmp_path, num_shards):
+    import torch.multiprocessing as mp
+
+    shards_dir = tmp_path / "shards"
+    meta = prepare(tiny_synth, shards_dir, encoding=Encoding(max_resolution=32), workers=1, num_shards=num_shards)
+    results = [tmp_path / f"rank{r}.json" for r in (0, 1)]
+    mp.spawn(_run_rank, args=(str(tmp_path / "store"), str(shards_dir), [str(p) for p in results]), nprocs=2)
+    ranks = [json.loads(p.read_text()) for p in results]
+    rows = meta["rows"]["train"]
+    for epoch in (0, 1):
+        mine, theirs = (set(r["epochs"][epoch]) for r in ranks)
+        assert len(ranks[0]["epochs"][epoch]) == len(ranks[1]["epochs"][epoch])  # same number of batches
+        assert not mine & theirs
+        # drop_last leaves out fewer than one batch per rank (per shard with K shards)
+        assert rows - len(mine | theirs) < 16 * max(2, num_shards)
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # a new order each epoch
+    for rank in ranks:
+        assert rank["restored"] == rank["epochs"][1]  # a restored epoch counter replays that epoch
+
+
+def _run_rank(rank, store, shards_dir, results):
+    _ddp_rank(rank, 2, store, shards_dir, results[rank])
