@@ -122,8 +122,9 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
     Both read the training split of one synthetic set of 250-500 px JPEGs: torchvision from the
     JPEG files (PIL decode -> Resize -> RandomCrop with padding -> flip), FFCV from shards
     (decode -> resize -> RandomTranslate -> flip) in three encodings: the same images as JPEG at full
-    size, JPEG capped at 256 px, and raw pixels capped at 256 px. One untimed pass warms the page
-    cache and FFCV's JIT; then `epochs` timed passes each, side by side.
+    size, JPEG capped at 256 px, and raw pixels capped at 256 px; a last column profiles the raw
+    shards without pad-and-crop and flip. One untimed pass warms the page cache and FFCV's JIT; then
+    `epochs` timed passes each, side by side.
     """
     from groupdir.data.dir_format import read_dir_table
     from groupdir.data.ffcv_loader import ShardLoader
@@ -152,10 +153,11 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
         return count / (time.perf_counter() - started)
 
     header = " | ".join(f"FFCV {mode} {resolution} px" for mode, resolution in LOADER_ENCODINGS)
+    header += " | FFCV raw 256 px, decode + resize only"
     lines = [f"Loader throughput in images/s (ratio to torchvision), training split of {table.size('train')} "
              f"synthetic faces of 250-500 px, {workers} worker processes each, batch {batch_size}, "
              f"{epochs} timed passes after one warm-up",
-             "", f"| output size | torchvision/PIL | {header} |", "|---:|---:|" + "---:|" * len(LOADER_ENCODINGS)]
+             "", f"| output size | torchvision/PIL | {header} |", "|---:|---:|" + "---:|" * (len(LOADER_ENCODINGS) + 1)]
     for size in sizes:
         baseline = rate(make_loader(table.paths["train"], table.labels["train"], size, batch_size, train=True,
                                     workers=workers))
@@ -163,6 +165,9 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
         for key in LOADER_ENCODINGS:
             ffcv = rate(ShardLoader(shards[key], "train", size, batch_size, train=True, workers=workers))
             cells.append(f"{ffcv:.0f} ({ffcv / baseline:.2f}x)")
+        # The profile: the eval pipeline is the train pipeline without pad-and-crop and flip.
+        bare = rate(ShardLoader(shards["raw", 256], "train", size, batch_size, train=False, workers=workers))
+        cells.append(f"{bare:.0f} ({bare / baseline:.2f}x)")
         lines.append(f"| {size} | {baseline:.0f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

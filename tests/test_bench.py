@@ -38,6 +38,6 @@ def test_bench_loader_measures_every_loader_side_by_side(tmp_path):
     table = bench_loader(tmp_path, images=40, sizes=[32], workers=1, batch_size=8, epochs=1)
     row = [line for line in table.splitlines() if line.startswith("| 32 |")][0]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert len(cells) == 2 + len(LOADER_ENCODINGS)
+    assert len(cells) == 3 + len(LOADER_ENCODINGS)
     assert all(float(cell.split()[0]) > 0 for cell in cells[1:])
     assert (tmp_path / "loader.md").read_text() == table
