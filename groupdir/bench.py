@@ -16,7 +16,8 @@ import numpy as np
 
 from groupdir.config import load_config
 from groupdir.data.synth import SynthSpec, write_synth
-from groupdir.train import RESULTS, train, write_json_atomic, write_text_atomic
+from groupdir.atomic import write_json_atomic, write_text_atomic
+from groupdir.train import RESULTS, train
 
 METHODS = {
     "Group-DIR": {"method": "groupdir"},

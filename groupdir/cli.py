@@ -128,7 +128,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from groupdir.metrics import format_shot_table
-    from groupdir.train import evaluate_checkpoint, write_json_atomic
+    from groupdir.atomic import write_json_atomic
+    from groupdir.train import evaluate_checkpoint
 
     if args.json and Path(args.json).exists() and not args.force:
         raise FileExistsError(f"{args.json} exists; pass --force to replace it")

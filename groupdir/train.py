@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from groupdir import __version__
+from groupdir.atomic import write_json_atomic
 from groupdir.config import Config, load_config
 from groupdir.data import open_data
 from groupdir.data.loaders import normalize
@@ -222,25 +223,3 @@ def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_
     loader = open_data(cfg, [split], augmented=None)[1][split]
     grouping = Grouping(tuple(state["group_edges"]))
     return evaluate(model, loader, grouping, state["train_labels"].numpy(), cfg, target_device)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path` and rename it: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    """Strict JSON (NaN, e.g. an empty shot, becomes null), written atomically."""
-    write_text_atomic(path, json.dumps(_nan_to_none(payload), indent=2, allow_nan=False))
-
-
-def _nan_to_none(value):
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from groupdir import __version__
+from groupdir.atomic import atomic_folder
 from groupdir.data.dir_format import SPLITS, DIRTable, read_dir_table
 from groupdir.errors import ConfigError, DataError
 from groupdir.metrics import shot_of_bins
@@ -63,38 +62,11 @@ def prepare(root: str | Path, out: str | Path, dataset: str = "auto", csv: str =
             raise DataError(f"{table.csv}: split {split!r} has {table.size(split)} rows, fewer than "
                             f"--num-shards {num_shards}")
 
-    _remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_folder(out) as tmp:
         shards = {split: _write_split(table, split, tmp, encoding, workers, num_shards) for split in SPLITS}
         meta = _meta(table, encoding, shards, label_bin_width, many_shot, few_shot)
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete what a killed prepare left beside `out` (its process is gone); live ones are kept."""
-    for folder in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _SplitRows:

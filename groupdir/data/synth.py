@@ -12,14 +12,13 @@ a cap.
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from groupdir.atomic import atomic_folder
 from groupdir.config import PRESET_CSV
 
 MAX_AGE = 99
@@ -134,15 +133,8 @@ def write_synth(out: str | Path, spec: SynthSpec, force: bool = False) -> Path:
         raise FileExistsError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_folder(out) as tmp:
         _write_files(tmp, spec)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return out / PRESET_CSV["synth"]
 
 
