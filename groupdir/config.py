@@ -22,6 +22,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50")
 BACKENDS = ("auto", "torch", "naive")
 SIMILARITIES = ("cosine", "euclidean")
 SHOTS = ("all", "many", "median", "few")
+CROPS = ("pad", "random_resized")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Config:
     dataset: str = "auto"          # preset naming the CSV: auto | synth | imdb-wiki-dir | agedb-dir
     csv: str = ""                  # CSV file name inside `data`; overrides the preset
     image_size: int = 32           # side of the square network input, in pixels
+    crop: str = "pad"              # train crop: pad (the field's: resize, pad S/14, random crop) | random_resized
     loader_workers: int = 0        # DataLoader worker processes
     label_bin_width: float = 1.0   # labels are binned to this width for shots and bMAE (0.1 for STS-B)
     many_shot: int = 100           # a bin is many-shot with more than this many training samples
@@ -72,6 +74,7 @@ class Config:
     def validate(self) -> "Config":
         choices = {
             "dataset": ("auto", *PRESET_CSV),
+            "crop": CROPS,
             "method": ("groupdir", "vanilla"),
             "grouping": ("equal_width", "equal_frequency"),
             "similarity": SIMILARITIES,

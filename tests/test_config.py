@@ -25,6 +25,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("label_min=5", "give both label_min and label_max"),
     ("epochs", "not of the form key=value"),
     ("similarity=dot", "similarity='dot'"),
+    ("crop=center", "crop=.center. is not one of"),
     ("select_metric=mae/al", "select_metric='mae/al' is not one of"),
     ("temperature=.inf", "must be a finite number > 0"),
 ])

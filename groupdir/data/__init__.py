@@ -20,11 +20,12 @@ def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "tra
         from groupdir.data.ffcv_loader import ShardLoader
 
         loaders = {split: ShardLoader(cfg.data, split, cfg.image_size, cfg.batch_size, train=split == augmented,
-                                      seed=cfg.seed, workers=max(1, cfg.loader_workers))
+                                      seed=cfg.seed, workers=max(1, cfg.loader_workers), crop=cfg.crop)
                    for split in splits}
         return shard_labels(cfg.data, "train"), loaders
     table = read_dir_table(cfg.data, cfg.dataset, cfg.csv)
     loaders = {split: make_loader(table.paths[split], table.labels[split], cfg.image_size, cfg.batch_size,
-                                  train=split == augmented, workers=cfg.loader_workers, seed=cfg.seed)
+                                  train=split == augmented, workers=cfg.loader_workers, seed=cfg.seed,
+                                  crop=cfg.crop)
                for split in splits}
     return table.labels["train"], loaders

@@ -1,7 +1,8 @@
 """Streaming FFCV shards into a training loop, one rank or many.
 
 Pipelines use FFCV's own operations (torchvision transforms inside an FFCV pipeline break numba):
-train = decode + resize to S x S -> pad-and-crop (RandomTranslate, padding S/14) -> horizontal flip;
+train = decode + resize to S x S -> pad-and-crop (RandomTranslate, padding S/14) -> horizontal flip
+(crop="pad"), or decode with a random resized crop -> horizontal flip (crop="random_resized");
 eval  = decode + resize to S x S. Images come out uint8 (B, 3, S, S); `normalize` runs on the device.
 
 One shard per split: FFCV's own `distributed=True` gives each rank its slice (the process group must
@@ -25,7 +26,7 @@ class ShardLoader:
     The images of a batch are valid until the next batch is drawn."""
 
     def __init__(self, shards_dir: str | Path, split: str, image_size: int, batch_size: int, train: bool,
-                 seed: int = 0, workers: int = 2, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, workers: int = 2, rank: int = 0, world_size: int = 1, crop: str = "pad"):
         self.files = [Path(shards_dir) / shard["file"] for shard in read_meta(shards_dir)["shards"][split]]
         rows = [shard["rows"] for shard in read_meta(shards_dir)["shards"][split]]
         if len(self.files) > 1 and len(self.files) % world_size:
@@ -33,6 +34,7 @@ class ShardLoader:
                              f"ranks; prepare with --num-shards a multiple of the world size")
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.seed, self.workers, self.rank, self.world_size = seed, workers, rank, world_size
+        self.crop = crop
         self.epoch = 0
         self._loaders: dict[Path, object] = {}
         # Equal batch counts on every rank: each shard contributes as many batches as the smallest can.
@@ -73,14 +75,18 @@ class ShardLoader:
         return self._loaders[file]
 
     def _build(self, file: Path):
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, FloatDecoder, IntDecoder
+        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, FloatDecoder, IntDecoder,
+                                          RandomResizedCropRGBImageDecoder)
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
 
         size = (self.image_size, self.image_size)
-        image = [CenterCropRGBImageDecoder(size, ratio=1.0)]  # faces are square crops: a plain resize
-        if self.train:
-            image += [RandomTranslate(padding=max(1, round(self.image_size / 14))), RandomHorizontalFlip()]
+        if self.train and self.crop == "random_resized":
+            image = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
+        else:
+            image = [CenterCropRGBImageDecoder(size, ratio=1.0)]  # faces are square crops: a plain resize
+            if self.train:
+                image += [RandomTranslate(padding=max(1, round(self.image_size / 14))), RandomHorizontalFlip()]
         image += [ToTensor(), ToTorchImage()]
         single = len(self.files) == 1
         return Loader(str(file), batch_size=self.batch_size, num_workers=self.workers,

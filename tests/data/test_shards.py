@@ -190,3 +190,33 @@ def test_two_ddp_ranks_get_disjoint_rows_covering_the_split(tiny_synth, tmp_path
 
 def _run_rank(rank, store, shards_dir, results):
     _ddp_rank(rank, 2, store, shards_dir, results[rank])
+
+
+def test_random_resized_crop_in_both_loaders(tiny_synth, shards):
+    from groupdir.data.loaders import make_loader
+
+    ffcv = ShardLoader(shards, "train", 16, 50, train=True, workers=1, crop="random_resized")
+    images, labels, _ = next(iter(ffcv))
+    assert images.shape == (50, 3, 16, 16) and labels.dtype.is_floating_point
+    table = read_dir_table(tiny_synth)
+    torch_loader = make_loader(table.paths["train"], table.labels["train"], 16, 50, train=True, crop="random_resized")
+    assert next(iter(torch_loader))[0].shape == (50, 3, 16, 16)
+
+
+def test_breaking_out_early_leaves_no_threads_behind(shards):
+    import gc
+    import threading
+
+    loader = ShardLoader(shards, "train", 16, 20, train=True, workers=1)
+    for _ in loader:  # compile and warm up once
+        pass
+    before = threading.active_count()
+    for _ in range(3):
+        for count, _ in enumerate(loader):
+            if count == 2:
+                break
+    gc.collect()
+    deadline = time.time() + 10
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.1)
+    assert threading.active_count() <= before
