@@ -8,10 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from groupdir.config import PRESET_CSV, load_config
+from groupdir.config import PRESET_CSV, WRITE_MODES, load_config
 from groupdir.errors import ConfigError, GroupdirError
-
-WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes
 
 USER_ERRORS = (GroupdirError, FileExistsError, FileNotFoundError)
 

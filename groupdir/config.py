@@ -23,6 +23,7 @@ BACKENDS = ("auto", "torch", "naive")
 SIMILARITIES = ("cosine", "euclidean")
 SHOTS = ("all", "many", "median", "few")
 CROPS = ("pad", "random_resized")
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes
 
 
 @dataclass

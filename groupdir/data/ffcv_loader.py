@@ -27,8 +27,9 @@ class ShardLoader:
 
     def __init__(self, shards_dir: str | Path, split: str, image_size: int, batch_size: int, train: bool,
                  seed: int = 0, workers: int = 2, rank: int = 0, world_size: int = 1, crop: str = "pad"):
-        self.files = [Path(shards_dir) / shard["file"] for shard in read_meta(shards_dir)["shards"][split]]
-        rows = [shard["rows"] for shard in read_meta(shards_dir)["shards"][split]]
+        shards = read_meta(shards_dir)["shards"][split]
+        self.files = [Path(shards_dir) / shard["file"] for shard in shards]
+        rows = [shard["rows"] for shard in shards]
         if len(self.files) > 1 and len(self.files) % world_size:
             raise ConfigError(f"{len(self.files)} shards of split {split!r} cannot be shared by {world_size} "
                              f"ranks; prepare with --num-shards a multiple of the world size")

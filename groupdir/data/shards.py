@@ -23,6 +23,7 @@ from PIL import Image
 
 from groupdir import __version__
 from groupdir.atomic import atomic_folder
+from groupdir.config import WRITE_MODES
 from groupdir.data.dir_format import SPLITS, DIRTable, read_dir_table
 from groupdir.errors import ConfigError, DataError
 from groupdir.metrics import shot_of_bins
@@ -52,6 +53,8 @@ def prepare(root: str | Path, out: str | Path, dataset: str = "auto", csv: str =
     """Validate every row of a DIR data root, encode it into FFCV shards at `out`; return meta.json."""
     encoding = encoding or Encoding()
     out = Path(out).resolve()
+    if encoding.write_mode not in WRITE_MODES:
+        raise ConfigError(f"write mode {encoding.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
     if num_shards < 1:
         raise ConfigError(f"--num-shards {num_shards} must be >= 1")
     if out.exists() and not force:

@@ -220,3 +220,11 @@ def test_breaking_out_early_leaves_no_threads_behind(shards):
     while threading.active_count() > before and time.time() < deadline:
         time.sleep(0.1)
     assert threading.active_count() <= before
+
+
+def test_unknown_write_mode_is_refused_before_anything_is_written(tiny_synth, tmp_path):
+    from groupdir.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="write mode 'png' is not one of"):
+        prepare(tiny_synth, tmp_path / "out", encoding=Encoding(write_mode="png"))
+    assert not (tmp_path / "out").exists()
