@@ -1,9 +1,14 @@
-"""`groupdir bench method`: Group-DIR against the field's baselines on the synthetic benchmark.
+"""Benchmarks that print ratios measured side by side in one run.
 
-Every method trains on the same synthetic data set with several seeds; the table gives mean +- std
-of the test metrics of each method's best-on-validation checkpoint (predicted route), and the group
-accuracy of the soft labels against plain cross-entropy (paper Table 5 / Fig. 7). Finished runs are
-kept, so an interrupted benchmark resumes where it stopped.
+- `bench method`: Group-DIR against the field's baselines on the synthetic benchmark. Every method
+  trains on the same synthetic data set with several seeds; the table gives mean +- std of the test
+  metrics of each method's best-on-validation checkpoint (predicted route), and the group accuracy of
+  the soft labels against plain cross-entropy (paper Table 5 / Fig. 7). Finished runs are kept, so
+  an interrupted benchmark resumes where it stopped.
+- `bench loader`: FFCV against a torchvision/PIL DataLoader over the same faces.
+- `bench train`: training images per second per Ray worker, end to end, for 1, 2, ... workers.
+- `bench ceiling`: one device, the training step fed by the FFCV loader against the same step on a
+  batch already on the device (what the data path costs).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from groupdir.config import load_config
 from groupdir.data.synth import SynthSpec, write_synth
 from groupdir.atomic import write_json_atomic, write_text_atomic
-from groupdir.train import RESULTS, train
+from groupdir.train import HISTORY, RESULTS, ray_session, train
 
 METHODS = {
     "Group-DIR": {"method": "groupdir"},
@@ -31,7 +36,7 @@ COLUMNS = ["mae/all", "mae/many", "mae/median", "mae/few", "gm/all", "gm/few", "
 
 
 def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int = 12,
-                 overrides: list[str] | None = None) -> str:
+                 overrides: list[str] | None = None, tracking_uri: str = "") -> str:
     settings = {"train_size": train_size, "epochs": epochs, "overrides": list(overrides or []),
                 "methods": METHODS}
     if (out / "settings.json").is_file():
@@ -46,16 +51,18 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
         write_synth(data, SynthSpec(train=train_size, seed=0), force=True)
     started = time.perf_counter()
     results: dict[str, list[dict]] = {name: [] for name in METHODS}
-    for seed in range(seeds):
-        for name, settings in METHODS.items():
-            run_dir = out / "runs" / f"{slug(name)}-seed{seed}"
-            if (run_dir / RESULTS).is_file():
-                results[name].append(json.loads((run_dir / RESULTS).read_text()))
-                continue
-            pairs = {"data": str(data), "epochs": epochs, "seed": seed, **settings}
-            cfg = load_config(overrides=[f"{k}={v}" for k, v in pairs.items()] + list(overrides or []))
-            print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
-            results[name].append(train(cfg, run_dir, progress=False))
+    with ray_session():
+        for seed in range(seeds):
+            for name, settings in METHODS.items():
+                run_dir = out / "runs" / f"{slug(name)}-seed{seed}"
+                if (run_dir / RESULTS).is_file():
+                    results[name].append(json.loads((run_dir / RESULTS).read_text()))
+                    continue
+                pairs = {"data": str(data), "epochs": epochs, "seed": seed, **settings,
+                         "experiment": "bench-method", "tracking_uri": tracking_uri}
+                cfg = load_config(overrides=[f"{k}={v}" for k, v in pairs.items()] + list(overrides or []))
+                print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
+                results[name].append(train(cfg, run_dir, progress=False))
     table = method_table(results, seeds, train_size, epochs, overrides or [])
     write_text_atomic(out / "method.md", table)
     write_json_atomic(out / "method.json", results)
@@ -173,5 +180,109 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "loader.md", text)
+    print(text)
+    return text
+
+
+def bench_train(out: Path, worker_counts=(1, 2), train_size: int = 2000, epochs: int = 3, batch_size: int = 128,
+                overrides: list[str] | None = None, tracking_uri: str = "") -> str:
+    """Training images per second per worker, end to end (FFCV shards -> DDP step), for each worker
+    count, one CPU thread per worker; scaling efficiency = per-worker rate / the 1-worker rate. Epoch
+    1 pays FFCV's JIT compile and is left out: the rate is the median of the later epochs."""
+    import statistics
+
+    from groupdir.data.shards import Encoding, is_shards_dir, prepare
+
+    data, shards = out / "data", out / "shards"
+    if not (data / "synth_age.csv").is_file():
+        write_synth(data, SynthSpec(train=train_size, seed=0), force=True)
+    if not is_shards_dir(shards):
+        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
+    rates = {}
+    with ray_session(num_cpus=max(worker_counts)):
+        for workers in worker_counts:
+            pairs = {"data": str(shards), "workers": workers, "epochs": epochs, "batch_size": batch_size,
+                     "threads": 1, "experiment": "bench-train", "tracking_uri": tracking_uri}
+            cfg = load_config(overrides=[f"{k}={v}" for k, v in pairs.items()] + list(overrides or []))
+            run_dir = out / f"workers-{workers}"
+            print(f"{workers} worker(s) ...", flush=True)
+            train(cfg, run_dir, progress=False, force=True)
+            history = json.loads((run_dir / HISTORY).read_text())
+            rates[workers] = statistics.median(h["images_per_second"] for h in history[1:] or history)
+    base = rates[worker_counts[0]] / worker_counts[0]
+    lines = [f"Training throughput, synthetic faces ({train_size} training images, shards at 64 px), "
+             f"{cfg.backbone} at {cfg.image_size} px, global batch {batch_size}, {epochs} epochs, one CPU "
+             f"thread per worker" + (f"; overrides: {' '.join(overrides)}" if overrides else ""), "",
+             "| workers | images/s, all workers | images/s per worker | scaling efficiency |",
+             "|---:|---:|---:|---:|"]
+    for workers, rate in rates.items():
+        lines.append(f"| {workers} | {rate:.0f} | {rate / workers:.0f} | {rate / workers / base:.2f} |")
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(out / "train.md", text)
+    print(text)
+    return text
+
+
+def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, batch_size: int = 256,
+                  steps: int = 30, loader_workers: int = 8, images: int = 3000, source_size: int = 256) -> str:
+    """One device: the training step (bf16 autocast and channels_last on CUDA) fed by the FFCV loader,
+    against the same step on a batch already on the device, the loader-free ceiling. Both run
+    `steps` timed steps after as many warm-up steps."""
+    from groupdir.data import open_data
+    from groupdir.data.shards import Encoding, is_shards_dir, prepare
+    from groupdir.model import DIRNet
+    from groupdir.train import groups_and_weights, init_regressor_bias, train_step
+
+    import torch
+
+    data, shards = out / "data", out / "shards"
+    if not (data / "synth_age.csv").is_file():
+        write_synth(data, SynthSpec(train=images, eval_cap=1, eval_min=1, image_size=source_size), force=True)
+    if not is_shards_dir(shards):
+        prepare(data, shards, encoding=Encoding(max_resolution=source_size), force=True)
+    cfg = load_config(overrides={"data": str(shards), "backbone": backbone, "image_size": image_size,
+                                 "batch_size": batch_size, "loader_workers": loader_workers})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    labels, loaders = open_data(cfg, ["train"])
+    grouping, weigh = groups_and_weights(cfg, labels)
+    net = DIRNet(backbone, cfg.num_groups)
+    init_regressor_bias(net, labels, grouping)
+    net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+
+    def batches():
+        while True:
+            yield from loaders["train"]
+
+    def rate(feed) -> float:
+        for _ in range(steps):  # warm-up: cuDNN autotuning, FFCV's JIT, allocator
+            train_step(cfg, net, optimizer, *next(feed)[:2], grouping, weigh, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            train_step(cfg, net, optimizer, *next(feed)[:2], grouping, weigh, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch_size / (time.perf_counter() - started)
+
+    feed = batches()
+    images_batch, labels_batch, _ = next(feed)
+    resident = (images_batch.to(device).clone(), labels_batch.clone())
+    ceiling = rate(iter(lambda: (*resident, None), None))
+    fed = rate(feed)
+    feed.close()  # closes FFCV's iterator and its threads
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    text = "\n".join([
+        f"Training step throughput on one {name}: {backbone}, {image_size} px, batch {batch_size}"
+        + (", bf16 autocast, channels_last" if device.type == "cuda" else ", float32")
+        + f", {steps} timed steps after {steps} warm-up steps; FFCV shards of {source_size} px JPEG faces, "
+        f"{loader_workers} loader threads", "",
+        "| feed | images/s |", "|---|---:|",
+        f"| batch already on the device (ceiling) | {ceiling:.0f} |",
+        f"| FFCV loader | {fed:.0f} |", "",
+        f"Loader overhead: {100 * (1 - fed / ceiling):.1f}% of the ceiling (FFCV / ceiling = {fed / ceiling:.2f}).",
+    ]) + "\n"
+    write_text_atomic(out / "ceiling.md", text)
     print(text)
     return text

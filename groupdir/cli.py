@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
 
-from groupdir.config import PRESET_CSV, WRITE_MODES, load_config
-from groupdir.errors import ConfigError, GroupdirError
+from groupdir.config import BACKBONES, PRESET_CSV, WRITE_MODES, load_config
+from groupdir.errors import GroupdirError
 
 USER_ERRORS = (GroupdirError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        print(f"groupdir {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groupdir", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -29,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train one model and evaluate it on the test split once")
     train.add_argument("--data", help="DIR data root (same as data=...)")
     train.add_argument("--config", help="YAML config file; key=value arguments override it")
-    train.add_argument("--out", help="run folder (default runs/<method>-<time>)")
-    train.add_argument("--force", action="store_true", help="reuse a run folder that already holds results")
+    train.add_argument("--out", help="run folder (default runs/<method>-<time>); rerun with the same "
+                                      "--out to resume an interrupted run")
+    train.add_argument("--address", help="join a Ray cluster: auto or ray://host:10001 (same as address=...)")
+    train.add_argument("--force", action="store_true", help="start over in a run folder that holds a run")
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
     prepare = commands.add_parser("prepare", help="validate a DIR data set and encode it into FFCV shards")
@@ -59,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo")
     demo.add_argument("--train", type=int, default=4000)
     demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--workers", type=int, default=2, help="Ray workers per run (default 2)")
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
@@ -75,13 +87,24 @@ def main(argv: list[str] | None = None) -> int:
     method.add_argument("--train", type=int, default=4000)
     method.add_argument("--epochs", type=int, default=12)
     method.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    scaling = bench_kinds.add_parser("train", help="training images/s per Ray worker for 1, 2, ... workers")
+    scaling.add_argument("--out", default="bench/train")
+    scaling.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    scaling.add_argument("--train", type=int, default=2000)
+    scaling.add_argument("--epochs", type=int, default=3, help="epoch 1 (FFCV's JIT) is left out of the rate")
+    scaling.add_argument("--batch-size", type=int, default=128, help="global batch")
+    scaling.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    ceiling = bench_kinds.add_parser("ceiling", help="one device: FFCV-fed training step vs data already there")
+    ceiling.add_argument("--out", default="bench/ceiling")
+    ceiling.add_argument("--backbone", default="resnet50", choices=BACKBONES)
+    ceiling.add_argument("--image-size", type=int, default=224)
+    ceiling.add_argument("--batch-size", type=int, default=256)
+    ceiling.add_argument("--steps", type=int, default=30, help="timed steps (and as many warm-up steps)")
+    ceiling.add_argument("--loader-workers", type=int, default=8)
+    ceiling.add_argument("--images", type=int, default=3000, help="synthetic training images")
+    ceiling.add_argument("--source-size", type=int, default=256, help="side of the synthetic JPEGs")
 
-    args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except USER_ERRORS as err:
-        print(f"groupdir {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return parser
 
 
 def cmd_synth(args) -> int:
@@ -112,16 +135,25 @@ def cmd_train(args) -> int:
     from groupdir.metrics import format_shot_table
     from groupdir.train import train
 
-    overrides = list(args.overrides) + ([f"data={args.data}"] if args.data else [])
-    cfg = load_config(args.config, overrides)
-    if not cfg.data:
-        raise ConfigError("no data: pass --data DATA_ROOT (or data=...)")
+    cfg = load_training_config(args.config, args.overrides, data=args.data, address=args.address)
     run_dir = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    claim_run_dir(run_dir, args.force)
-    results = train(cfg, run_dir)
+    print(f"run folder {run_dir} (rerun with --out {run_dir} to resume after a crash); MLflow: {cfg.tracking_uri}",
+          flush=True)
+    results = train(cfg, run_dir, force=args.force)
     print(format_shot_table({cfg.method: results}))
     print(f"results: {run_dir / 'results.json'}   checkpoint: {run_dir / 'checkpoint.pt'}")
     return 0
+
+
+def load_training_config(path, overrides, data=None, address=None):
+    """The config from file and key=value, with --data/--address and the one environment variable
+    the CLI honours, MLFLOW_TRACKING_URI (read here, so nothing downstream reads the environment)."""
+    from groupdir.tracking import resolve_uri
+
+    extra = {"data": data, "address": address}
+    cfg = load_config(path, list(overrides) + [f"{k}={v}" for k, v in extra.items() if v])
+    cfg.tracking_uri = resolve_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    return cfg
 
 
 def cmd_eval(args) -> int:
@@ -140,50 +172,69 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """The main job on the embedded default: synthetic data -> FFCV shards -> Group-DIR and vanilla,
+    each on `--workers` Ray workers -> `groupdir eval` of both checkpoints -> MLflow."""
+    import ray
+
+    from groupdir.data.shards import Encoding, is_shards_dir, prepare
     from groupdir.data.synth import SynthSpec, write_synth
     from groupdir.metrics import format_shot_table
-    from groupdir.train import train
+    from groupdir.train import evaluate_checkpoint, train
 
     out = Path(args.out)
-    data = out / "data"
+    data, shards = out / "data", out / "shards"
     if (data / "synth_age.csv").is_file():
         print(f"using the synthetic data set already in {data}", flush=True)
     else:
         print(f"writing a synthetic face-age data set to {data} ...", flush=True)
         write_synth(data, SynthSpec(train=args.train, seed=0))
-    runs = {}
-    for method in ("groupdir", "vanilla"):
-        print(f"\n== training {method} ({args.epochs} epochs) ==", flush=True)
-        cfg = load_config(overrides={"data": str(data), "method": method, "epochs": args.epochs})
-        run_dir = out / method
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run folders are scratch
-        runs[method] = train(cfg, run_dir)
-    print("\nTest split, balanced over ages; shots by training count (many > 100, few < 20):")
+    if not is_shards_dir(shards):
+        print(f"encoding it into FFCV shards in {shards} ...", flush=True)
+        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    ray.init(num_cpus=args.workers, logging_level="WARNING")  # one local Ray for both runs
+    try:
+        for method in ("groupdir", "vanilla"):
+            print(f"\n== training {method}: {args.epochs} epochs on {args.workers} Ray workers ==", flush=True)
+            cfg = load_training_config(None, [f"method={method}", f"epochs={args.epochs}", f"workers={args.workers}",
+                                              f"tracking_uri={tracking_uri}", "experiment=demo"], data=str(shards))
+            train(cfg, out / method, force=True)  # the demo's own run folders are scratch
+    finally:
+        ray.shutdown()
+    print("\n== groupdir eval: both checkpoints on the test split ==", flush=True)
+    runs = {method: evaluate_checkpoint(out / method / "checkpoint.pt", str(shards), "test")
+            for method in ("groupdir", "vanilla")}
+    print("Test split, balanced over ages; shots by training count (many > 100, few < 20):")
     print(format_shot_table(runs))
     ours, theirs = runs["groupdir"]["predicted"]["mae/few"], runs["vanilla"]["predicted"]["mae/few"]
     better = "Group-DIR" if ours < theirs else "vanilla"
     print(f"\nRare (few-shot) ages: MAE {ours:.2f} for Group-DIR, {theirs:.2f} for vanilla: {better} is better "
           f"on this short CPU run. README 'Results' compares them over seeds and explains the gap.")
+    print(f"\nCompare the two runs (experiment 'demo') in the MLflow UI:\n"
+          f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000\n"
+          f"  then open http://127.0.0.1:5000")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from groupdir.bench import bench_loader, bench_method
+    from groupdir import bench
 
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if args.kind == "loader":
-        bench_loader(Path(args.out), images=args.images, sizes=args.sizes, workers=args.workers,
-                     batch_size=args.batch_size, epochs=args.epochs)
+        bench.bench_loader(Path(args.out), images=args.images, sizes=args.sizes, workers=args.workers,
+                           batch_size=args.batch_size, epochs=args.epochs)
+    elif args.kind == "method":
+        bench.bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
+                           overrides=args.overrides, tracking_uri=tracking_uri)
+    elif args.kind == "train":
+        bench.bench_train(Path(args.out), worker_counts=tuple(args.workers), train_size=args.train,
+                          epochs=args.epochs, batch_size=args.batch_size, overrides=args.overrides,
+                          tracking_uri=tracking_uri)
     else:
-        bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
-                     overrides=args.overrides)
+        bench.bench_ceiling(Path(args.out), backbone=args.backbone, image_size=args.image_size,
+                            batch_size=args.batch_size, steps=args.steps, loader_workers=args.loader_workers,
+                            images=args.images, source_size=args.source_size)
     return 0
-
-
-def claim_run_dir(run_dir: Path, force: bool) -> None:
-    """Refuse to write over a finished run unless --force."""
-    if (run_dir / "results.json").exists() or (run_dir / "checkpoint.pt").exists():
-        if not force:
-            raise FileExistsError(f"{run_dir} already holds a run; pick another --out or pass --force")
 
 
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}

@@ -22,6 +22,9 @@ BACKBONES = ("resnet18", "resnet34", "resnet50")
 BACKENDS = ("auto", "torch", "naive")
 SIMILARITIES = ("cosine", "euclidean")
 SHOTS = ("all", "many", "median", "few")
+DEVICES = ("auto", "cpu", "cuda")
+CONTRAST_SCOPES = ("local", "global")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 CROPS = ("pad", "random_resized")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes
 
@@ -70,7 +73,24 @@ class Config:
     weight_decay: float = 1e-4
     seed: int = 0
     select_metric: str = "bmae/all"  # validation metric that picks the best checkpoint (lower is better)
-    threads: int = 0               # torch CPU threads; 0 keeps torch's default
+    threads: int = 0               # torch CPU threads per worker; 0: cpus_per_worker
+
+    # --- distributed (Ray Train) ------------------------------------------------------------
+    workers: int = 1               # DDP workers (Ray Train actors); batch_size is split among them
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0   # used when training on GPUs
+    device: str = "auto"           # auto (GPUs if the Ray cluster has any) | cpu | cuda
+    placement: str = "PACK"        # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers over nodes)
+    contrast_scope: str = "global"  # global: the loss sees every worker's batch | local: each its own
+    compile: bool = False          # torch.compile the model in each worker
+    address: str = ""              # Ray cluster: "" starts a local one, "auto" or "ray://host:10001" joins
+    storage_path: str = ""         # Ray checkpoints; "" = the run folder; a shared path or s3:// on clusters
+    max_failures: int = 2          # worker failures survived by restarting from the last checkpoint
+    fail_at_step: int = -1         # debug: the last worker exits at this optimizer step, once (for tests)
+
+    # --- tracking (MLflow) ------------------------------------------------------------------
+    tracking_uri: str = ""         # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: str = "groupdir"   # MLflow experiment name
 
     def validate(self) -> "Config":
         choices = {
@@ -85,17 +105,22 @@ class Config:
             "reweight": ("none", "inverse", "sqrt_inv"),
             "lds_kernel": ("gaussian", "triang", "laplace"),
             "backbone": BACKBONES,
+            "device": DEVICES,
+            "placement": PLACEMENTS,
+            "contrast_scope": CONTRAST_SCOPES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("image_size", "label_bin_width", "temperature", "epochs", "batch_size", "lr")
+        positive = ("image_size", "label_bin_width", "temperature", "epochs", "batch_size", "lr", "workers",
+                "cpus_per_worker")
         for key in positive:
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{key}={value!r} must be a finite number > 0")
         non_negative = ("loader_workers", "beta", "lambda_grc", "lambda_reg", "lambda_soft",
-                        "weight_decay", "threads", "few_shot", "lds_sigma")
+                        "weight_decay", "threads", "few_shot", "lds_sigma", "gpus_per_worker",
+                        "max_failures")
         for key in non_negative:
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):
@@ -109,6 +134,9 @@ class Config:
             raise ConfigError(f"few_shot={self.few_shot} must not exceed many_shot={self.many_shot}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 2 (the contrastive loss needs pairs)")
+        if self.batch_size % self.workers or self.batch_size // self.workers < 2:
+            raise ConfigError(f"batch_size={self.batch_size} (the global batch) must split evenly into at least "
+                              f"2 samples for each of the workers={self.workers}")
         if self.lds and self.reweight == "none":
             raise ConfigError("lds=true smooths the re-weighting counts: set reweight=inverse or sqrt_inv")
         if self.lds_ks < 1 or self.lds_ks % 2 == 0:

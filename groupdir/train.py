@@ -1,165 +1,390 @@
-"""The training recipe: data -> groups -> model -> epochs of Eq. 5 -> best-on-validation -> test once.
+"""The training recipe and its Ray Train driver.
 
-`train(cfg, run_dir)` is the whole per-worker loop, readable top to bottom. It runs one process now
-(world size 1); a Ray Train worker will call it unchanged.
+`train_worker` is the per-worker loop, readable top to bottom: data -> groups -> model -> epochs of
+paper Eq. 5 -> validate -> checkpoint -> test the best-on-validation model once. Ray Train runs it
+on `workers` DDP processes (one process is the same code with world size 1). `train` is the driver:
+it checks everything it can before Ray starts, creates the MLflow run, runs the TorchTrainer, and
+writes the run folder: checkpoint.pt (best on validation), history.json, results.json.
+
+Fault tolerance: every epoch ends with `ray.train.report` and a checkpoint (model, optimizer, step,
+history, best model). A failed worker makes Ray restart all workers from the latest checkpoint, and
+the loaders replay that epoch's order; rerunning the same command on the same run folder after a
+driver crash does the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import math
 import os
 import random
+import shutil
+import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from groupdir import __version__
 from groupdir.atomic import write_json_atomic
 from groupdir.config import Config, load_config
-from groupdir.data import open_data
+from groupdir.data import open_data, set_epoch, train_labels
 from groupdir.data.loaders import normalize
-from groupdir.errors import TrainingError
+from groupdir.data.shards import META, is_shards_dir, read_meta
+from groupdir.distributed import gather_objects, gather_rows, global_batch, mean_over_workers, world
+from groupdir.errors import ConfigError, TrainingError
 from groupdir.grouping import Grouping, make_grouping
 from groupdir.losses import group_contrastive_loss, label_weights, regression_loss, soft_label_loss
 from groupdir.losses.regression import label_bins
-from groupdir.metrics import group_metrics, shot_metrics, shot_of_bins
+from groupdir.metrics import format_shot_table, group_metrics, shot_metrics, shot_of_bins
 from groupdir.model import ROUTES, DIRNet, Output, route
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"   # run folder: the best-on-validation model, what `groupdir eval` reads
 RESULTS = "results.json"
+HISTORY = "history.json"
+RUN_RECORD = "run.json"        # the MLflow run id and the config, for resuming
+STATE = "train_state.pt"       # inside each Ray checkpoint: everything needed to go on
+STOPPED = "stopped.json"       # inside a Ray checkpoint: the run stopped for good (a NaN loss)
+RESUME_MAY_CHANGE = ("address", "max_failures", "fail_at_step")
 
 
-def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
-    run_dir = Path(run_dir)
+# ======================================= driver ==========================================
+
+def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool = False) -> dict:
+    """Train on Ray (embedded or `cfg.address`), track in MLflow, write the run folder; test results."""
+    from groupdir import tracking
+
+    run_dir = Path(run_dir).resolve()
+    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",
+                              tracking_uri=tracking.resolve_uri(cfg.tracking_uri))  # workers run elsewhere
+    dataset = preflight(cfg)
+    tracking.check_reachable(cfg.tracking_uri)
+    previous = claim_run_dir(run_dir, cfg, force)
+    storage = Path(cfg.storage_path or run_dir / "ray")
+    if previous:
+        print(f"resuming the run in {run_dir} (MLflow run {previous['mlflow_run_id']})", flush=True)
+    run_id = tracking.open_run(cfg.tracking_uri, cfg.experiment, run_dir.name, cfg.to_dict(),
+                               tracking.provenance_tags(cfg, dataset),
+                               previous["mlflow_run_id"] if previous else "")
+    write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "config": cfg.to_dict()})
+    try:
+        final = run_trainer(cfg, run_dir, storage, {"cfg": cfg, "run_id": run_id, "progress": progress,
+                                                          "failure_marker": str(storage / "failure-injected")})
+        if STOPPED in final:
+            raise TrainingError(final[STOPPED]["message"])
+    except BaseException:
+        tracking.finish_run(cfg.tracking_uri, run_id, failed=True)
+        raise
+    write_json_atomic(run_dir / HISTORY, final["history"])
+    write_json_atomic(run_dir / RESULTS, final["results"])
+    tracking.finish_run(cfg.tracking_uri, run_id, failed=False)
+    return final["results"]
+
+
+def preflight(cfg: Config) -> str:
+    """Everything that can be refused before Ray starts; returns the data set's name."""
+    if not cfg.data:
+        raise ConfigError("no data: pass --data DATA (FFCV shards or a DIR data root)")
+    groups_and_weights(cfg, train_labels(cfg))  # raises on more groups than labels, a bad LDS setting
+    if is_shards_dir(cfg.data):
+        meta = read_meta(cfg.data)
+        for split, shards in meta["shards"].items():
+            if len(shards) > 1 and len(shards) % cfg.workers:
+                raise ConfigError(f"{len(shards)} shards of split {split!r} cannot be shared by workers="
+                                  f"{cfg.workers}; prepare with --num-shards a multiple of the worker count")
+        return meta["dataset"]
+    return Path(cfg.data).name
+
+
+def claim_run_dir(run_dir: Path, cfg: Config, force: bool) -> dict | None:
+    """A finished run is kept unless `force`; an unfinished one with the same config is resumed.
+    Returns the run record to resume from, or None for a fresh run."""
+    record_file = run_dir / RUN_RECORD
+    if force:
+        for name in (CHECKPOINT, RESULTS, HISTORY, RUN_RECORD):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "ray", ignore_errors=True)
+    elif (run_dir / RESULTS).exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run; pick another --out or pass --force")
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not record_file.exists():
+        return None
+    record = json.loads(record_file.read_text())
+    changed = sorted(key for key, value in cfg.to_dict().items()
+                     if record["config"].get(key) != value and key not in RESUME_MAY_CHANGE)
+    if changed:
+        raise ConfigError(f"{run_dir} holds an unfinished run with other settings ("
+                          + ", ".join(f"{k}: {record['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+                          + "); rerun with the same settings to resume it, or pass --force to start over")
+    return record
+
+
+@contextlib.contextmanager
+def ray_session(address: str = "", num_cpus: int | None = None):
+    """Connect to `address`, or start an embedded local Ray that stops on leaving; an already
+    connected session (a test's, the demo's) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_trainer(cfg: Config, run_dir: Path, storage: Path, loop_config: dict) -> dict:
+    """One Ray Train run; copies the best model to the run folder and returns the results and
+    history of the final checkpoint (or its STOPPED record)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    with ray_session(cfg.address):
+        use_gpu = pick_gpu(cfg, ray.cluster_resources(), autoscaling=bool(cfg.address))
+        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+        trainer = TorchTrainer(
+            train_worker, train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                                   resources_per_worker=resources,
+                                                   placement_strategy=cfg.placement),
+            run_config=ray.train.RunConfig(
+                name=run_dir.name, storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {worker_error(err)}") from None
+        with result.checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            if (folder / STOPPED).exists():
+                return {STOPPED: json.loads((folder / STOPPED).read_text())}
+            shutil.copyfile(folder / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp"))
+            os.replace(run_dir / (CHECKPOINT + ".tmp"), run_dir / CHECKPOINT)
+            return {"results": json.loads((folder / RESULTS).read_text()),
+                    "history": json.loads((folder / HISTORY).read_text())}
+
+
+def pick_gpu(cfg: Config, cluster: dict, autoscaling: bool) -> bool:
+    """device=auto trains on GPUs when the cluster has any. A run that cannot fit is refused (Ray
+    would wait for resources forever), unless the cluster may grow (one joined by address)."""
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
+    use_gpu = gpus > 0 if cfg.device == "auto" else cfg.device == "cuda"
+    if not autoscaling:
+        if cfg.workers * cfg.cpus_per_worker > cpus:
+            raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.cpus_per_worker:g} needs "
+                              f"{cfg.workers * cfg.cpus_per_worker:g} CPUs; this Ray has {cpus:g}")
+        if use_gpu and cfg.workers * cfg.gpus_per_worker > gpus:
+            raise ConfigError(f"workers={cfg.workers} x gpus_per_worker={cfg.gpus_per_worker:g} needs more "
+                              f"GPUs than the {gpus:g} here")
+    return use_gpu
+
+
+def worker_error(err) -> str:
+    """The first worker's own exception message from Ray's wrapper."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        return f"worker {rank}: {type(failure).__name__}: {failure}"
+    return str(err)
+
+
+# ====================================== per worker =======================================
+
+def train_worker(job: dict) -> None:
+    """What every Ray Train worker runs (world size 1 is the single-process case)."""
+    import ray.train
+
+    cfg: Config = job["cfg"]
+    rank, world_size = world()
+    for chatty in ("", "mlflow"):  # Ray Train and MLflow log at INFO on every report
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    # 1x1 conv weight gradients have ambiguous strides on the CPU; DDP's warning about them is noise.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    seed_everything(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
 
     # --- data and groups ------------------------------------------------------------------
-    train_labels, loaders = open_data(cfg)
+    labels, loaders = open_data(cfg, rank=rank, world_size=world_size)
+    grouping, weigh = groups_and_weights(cfg, labels)
+
+    # --- model, optimiser, and the state of a restarted run -------------------------------
+    net = DIRNet(cfg.backbone, cfg.num_groups, grouped=cfg.method == "groupdir")
+    init_regressor_bias(net, labels, grouping)
+    net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = restore(ray.train.get_checkpoint(), net, optimizer)
+    if STOPPED in state:  # the run stopped for good before the restart: say so again
+        report(state, rank)
+        return
+    model = net
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    logger = None
+    if rank == 0:
+        from groupdir.tracking import RunLogger
+
+        logger = RunLogger(cfg.tracking_uri, job["run_id"])
+        logger.log_epochs(state["history"])  # epochs checkpointed but not logged before a crash
+    nodes = len(set(gather_objects(ray.get_runtime_context().get_node_id())))
+    if rank == 0 and job["progress"] and state["epoch"] == 0:
+        say(f"training on {world_size} worker(s) across {nodes} node(s), {device.type}")
+    step = state["step"]
+
+    # --- epochs ---------------------------------------------------------------------------
+    try:
+        for epoch in range(state["epoch"], cfg.epochs):
+            model.train()
+            set_epoch(loaders["train"], epoch)
+            sums: dict[str, float] = {}
+            started = time.perf_counter()
+            for images, batch_labels, _ in loaders["train"]:
+                if step == cfg.fail_at_step and rank == world_size - 1:
+                    inject_failure(Path(job["failure_marker"]))
+                values = train_step(cfg, model, optimizer, images, batch_labels, grouping, weigh, device)
+                check_finite(values, epoch, step)
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                step += 1
+            seconds = time.perf_counter() - started
+            batches = len(loaders["train"])
+            val = evaluate(net, loaders["val"], grouping, labels, cfg, device)[0]["predicted"]
+            if math.isnan(val[cfg.select_metric]):
+                raise TrainingError(f"validation {cfg.select_metric} is NaN (no validation sample in that "
+                                    f"shot); pick another select_metric")
+            improved = val[cfg.select_metric] < state["best_value"]
+            if improved:
+                state["best_value"], state["best_epoch"], state["best_val"] = val[cfg.select_metric], epoch + 1, val
+                state["best_model"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            state["history"].append({
+                "epoch": epoch + 1, "steps": step, "train_seconds": seconds,
+                "images_per_second": batches * cfg.batch_size / seconds,
+                **{f"train/{k}": v / batches for k, v in sums.items()}, **{f"val/{k}": v for k, v in val.items()}})
+            state.update(epoch=epoch + 1, step=step)
+            report(state, rank, net, optimizer, cfg, grouping, labels)
+            if logger:
+                logger.log_epochs(state["history"])
+                if job["progress"]:
+                    say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {sums['total'] / batches:.3f}  "
+                        f"val MAE {val['mae/all']:.2f}  bMAE {val['bmae/all']:.2f}  group acc "
+                        f"{val['group_acc']:.3f}  {state['history'][-1]['images_per_second']:.0f} img/s"
+                        f"{'  *best' if improved else ''}")
+
+        # --- one test evaluation of the best-on-validation model --------------------------
+        net.load_state_dict(state["best_model"])
+        results, arrays = evaluate(net, loaders["test"], grouping, labels, cfg, device)
+        results.update(best_epoch=state["best_epoch"], steps=step, workers=world_size, nodes=nodes)
+        state["results"] = results
+        report(state, rank, net, optimizer, cfg, grouping, labels)
+        if logger:
+            log_final_artifacts(logger, cfg, results, arrays, labels, grouping, state)
+    except TrainingError as err:  # deterministic: every worker sees it at the same step; no retry
+        state[STOPPED] = {"message": str(err)}
+        report(state, rank)
+    finally:
+        if logger:
+            logger.close()
+
+
+def groups_and_weights(cfg: Config, train_labels: np.ndarray):
+    """The label groups and the regression re-weighting (None for none) the config asks for."""
     label_range = (cfg.label_min, cfg.label_max) if cfg.label_min is not None else None
     grouping = make_grouping(train_labels, cfg.num_groups, cfg.grouping, label_range)
     weigh = label_weights(train_labels, cfg.reweight, cfg.lds, cfg.lds_kernel, cfg.lds_ks,
                           cfg.lds_sigma, cfg.label_bin_width)
+    return grouping, weigh
 
-    # --- model and optimiser --------------------------------------------------------------
-    model = DIRNet(cfg.backbone, cfg.num_groups, grouped=cfg.method == "groupdir")
-    init_regressor_bias(model, train_labels, grouping)
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    # --- epochs ---------------------------------------------------------------------------
-    best, step = math.inf, 0
-    history = []
-    with open(run_dir / "steps.jsonl", "w") as step_log:
-        for epoch in range(cfg.epochs):
-            model.train()
-            sums: dict[str, float] = {}
-            started = time.perf_counter()
-            bar = tqdm(loaders["train"], desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=None if progress else True, dynamic_ncols=True)  # None: off when not a TTY
-            for images, labels, _ in bar:
-                groups = torch.as_tensor(grouping.assign(labels.numpy()), device=device)
-                weights = torch.as_tensor(weigh(labels.numpy()), device=device) if weigh else None
-                output = model(normalize(images.to(device)))
-                terms = loss_terms(cfg, output, labels.to(device, torch.float32), groups, weights)
-                check_finite(terms, epoch, step)
-                optimizer.zero_grad(set_to_none=True)
-                terms["total"].backward()
-                optimizer.step()
-                values = {name: value.item() for name, value in terms.items()}
-                step_log.write(json.dumps({"epoch": epoch + 1, "step": step, **values}) + "\n")
-                for name, value in values.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
-                step += 1
-            train_terms = {f"train/{k}": v / len(loaders["train"]) for k, v in sums.items()}
-            val = evaluate(model, loaders["val"], grouping, train_labels, cfg, device)["predicted"]
-            if math.isnan(val[cfg.select_metric]):
-                raise TrainingError(f"validation {cfg.select_metric} is NaN (no validation sample in that "
-                                    f"shot); pick another select_metric")
-            improved = val[cfg.select_metric] < best
-            if improved:
-                best = val[cfg.select_metric]
-                save_checkpoint(run_dir / CHECKPOINT, model, cfg, grouping, train_labels, epoch + 1, val)
-            record = {"epoch": epoch + 1, "seconds": time.perf_counter() - started, **train_terms,
-                      **{f"val/{k}": v for k, v in val.items()}}
-            history.append(record)
-            write_json_atomic(run_dir / "history.json", history)  # every epoch: a crash keeps what was done
-            if progress:
-                print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {train_terms['train/total']:.3f}  "
-                      f"val MAE {val['mae/all']:.2f}  val bMAE {val['bmae/all']:.2f}  "
-                      f"group acc {val['group_acc']:.3f}{'  *best' if improved else ''}", flush=True)
-
-    # --- one test evaluation of the best-on-validation checkpoint -------------------------
-    best_state = load_checkpoint(run_dir / CHECKPOINT)
-    model.load_state_dict(best_state["model"])
-    results = evaluate(model, loaders["test"], grouping, train_labels, cfg, device)
-    results["best_epoch"] = best_state["epoch"]
-    write_json_atomic(run_dir / RESULTS, results)
-    return results
+def train_step(cfg: Config, model, optimizer, images, labels, grouping: Grouping, weigh, device) -> dict[str, float]:
+    """One optimizer step of paper Eq. 5; returns each loss term averaged over the workers."""
+    groups = torch.as_tensor(grouping.assign(labels.numpy()), device=device)
+    weights = torch.as_tensor(weigh(labels.numpy()), device=device) if weigh else None
+    images = normalize(images.to(device, non_blocking=True))
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        output = model(images)
+    terms = loss_terms(cfg, output, labels.to(device, torch.float32), groups, weights)
+    values = mean_over_workers(torch.stack([term.detach() for term in terms.values()])).tolist()
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    optimizer.step()
+    return dict(zip(terms, values))
 
 
 def loss_terms(cfg: Config, output: Output, labels: torch.Tensor, groups: torch.Tensor,
                weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Paper Eq. 5: lambda_grc * L_grc + lambda_reg * L_reg + lambda_soft * L_cls, term by term."""
+    """Paper Eq. 5: lambda_grc * L_grc + lambda_reg * L_reg + lambda_soft * L_cls, term by term,
+    in float32 whatever the autocast precision of the forward pass."""
+    experts = output.experts.float()
     if cfg.method == "vanilla":
-        reg = regression_loss(output.experts[:, 0], labels, cfg.reg_loss, weights)
+        reg = regression_loss(experts[:, 0], labels, cfg.reg_loss, weights)
         return {"total": reg, "reg": reg}
     # Training regresses every sample with its TRUE group's expert.
-    reg = regression_loss(output.experts.gather(1, groups[:, None]).squeeze(1), labels, cfg.reg_loss, weights)
-    if cfg.group_loss == "soft":
-        cls = soft_label_loss(output.group_logits, groups, cfg.beta)
-    else:
-        cls = F.cross_entropy(output.group_logits, groups)
+    reg = regression_loss(experts.gather(1, groups[:, None]).squeeze(1), labels, cfg.reg_loss, weights)
+    logits = output.group_logits.float()
+    cls = soft_label_loss(logits, groups, cfg.beta) if cfg.group_loss == "soft" else F.cross_entropy(logits, groups)
     terms = {"reg": reg, "cls": cls}
     total = cfg.lambda_reg * reg + cfg.lambda_soft * cls
     if cfg.lambda_grc > 0:
-        terms["grc"] = group_contrastive_loss(output.features, groups, cfg.temperature, cfg.similarity,
+        features, contrast_groups = output.features.float(), groups
+        if cfg.contrast_scope == "global":
+            features, contrast_groups = global_batch(features, groups)
+        terms["grc"] = group_contrastive_loss(features, contrast_groups, cfg.temperature, cfg.similarity,
                                               cfg.loss_backend)
         total = total + cfg.lambda_grc * terms["grc"]
     return {"total": total, **terms}
 
 
 @torch.no_grad()
-def evaluate(model: DIRNet, loader, grouping: Grouping, train_labels: np.ndarray, cfg: Config,
-             device: torch.device) -> dict[str, dict[str, float]]:
-    """Shot and group metrics per route; vanilla has only the predicted route."""
-    model.eval()
+def evaluate(net: DIRNet, loader, grouping: Grouping, train_labels: np.ndarray, cfg: Config,
+             device: torch.device) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Shot and group metrics per route (vanilla has only the predicted route), over the whole split:
+    each worker predicts its slice and the slices are gathered. Also returns the per-sample arrays."""
+    net.eval()
     routes = ROUTES if cfg.method == "groupdir" else ("predicted",)
-    predictions = {r: [] for r in routes}
-    chosen_groups, targets = [], []
-    for images, labels, _ in loader:
-        output = model(normalize(images.to(device)))
+    pieces: dict[str, list] = {name: [] for name in (*routes, "chosen", "target", "rows")}
+    for images, labels, rows in loader:
+        images = normalize(images.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            output = net(images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images)
         groups = torch.as_tensor(grouping.assign(labels.numpy()), device=device)
         for name in routes:
-            predictions[name].append(route(output, name, groups).float().cpu())
+            pieces[name].append(route(output, name, groups).float().cpu().numpy())
         if output.group_logits is not None:
-            chosen_groups.append(output.group_logits.argmax(dim=1).cpu())
-        targets.append(labels)
-    target = torch.cat(targets).numpy()
+            pieces["chosen"].append(output.group_logits.argmax(dim=1).cpu().numpy())
+        pieces["target"].append(labels.numpy())
+        pieces["rows"].append(np.asarray(rows))
+    arrays = {name: np.concatenate(values) for name, values in pieces.items() if values and name != "rows"}
+    arrays = gather_rows(arrays, np.concatenate(pieces["rows"]))
+    target = arrays["target"]
     true_groups = grouping.assign(target)
     shots = shot_of_bins(label_bins(target, cfg.label_bin_width), train_labels, cfg.many_shot, cfg.few_shot,
                          cfg.label_bin_width)
     results = {}
     for name in routes:
-        pred = torch.cat(predictions[name]).numpy()
-        metrics = shot_metrics(pred, target, train_labels, cfg.many_shot, cfg.few_shot, cfg.label_bin_width)
+        metrics = shot_metrics(arrays[name], target, train_labels, cfg.many_shot, cfg.few_shot, cfg.label_bin_width)
         if name == "oracle":
             used_groups = true_groups
-        elif chosen_groups:
-            used_groups = torch.cat(chosen_groups).numpy()
+        elif "chosen" in arrays:
+            used_groups = arrays["chosen"]
         else:  # vanilla: the group its predicted value falls into
-            used_groups = grouping.assign(pred)
+            used_groups = grouping.assign(arrays[name])
         results[name] = {**metrics, **group_metrics(used_groups, true_groups, shots)}
-    return results
+    return results, arrays
 
 
 def init_regressor_bias(model: DIRNet, train_labels: np.ndarray, grouping: Grouping) -> None:
@@ -177,10 +402,10 @@ def init_regressor_bias(model: DIRNet, train_labels: np.ndarray, grouping: Group
             model.experts.bias[g] = float(centre)
 
 
-def check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-    for name, value in terms.items():
-        if not torch.isfinite(value):
-            raise TrainingError(f"loss term '{name}' is {value.item()} at epoch {epoch + 1}, step {step}; "
+def check_finite(values: dict[str, float], epoch: int, step: int) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise TrainingError(f"loss term '{name}' is {value} at epoch {epoch + 1}, step {step}; "
                                 f"stopping (try a lower lr or a higher temperature)")
 
 
@@ -190,9 +415,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(path: Path, model: DIRNet, cfg: Config, grouping: Grouping, train_labels, epoch: int,
+# ============================ checkpoints, reports, artifacts ============================
+
+def report(state: dict, rank: int, net: DIRNet | None = None, optimizer=None, cfg: Config | None = None,
+           grouping: Grouping | None = None, labels=None) -> None:
+    """Every worker calls this at the same points (`ray.train.report` is a barrier); rank 0 attaches
+    the checkpoint: the training state, the best model in `groupdir eval`'s format, the history,
+    and at the end the test results. A STOPPED state attaches only the reason."""
+    import ray.train
+
+    metrics = {"epoch": state["epoch"], "step": state["step"]}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="groupdir-ckpt-") as folder:
+        folder = Path(folder)
+        if STOPPED in state:
+            (folder / STOPPED).write_text(json.dumps(state[STOPPED]))
+        else:
+            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                        **{k: state[k] for k in ("epoch", "step", "history", "best_value", "best_epoch")}},
+                       folder / STATE)
+            save_checkpoint(folder / CHECKPOINT, state["best_model"], cfg, grouping, labels, state["best_epoch"], state["best_val"])
+            (folder / HISTORY).write_text(json.dumps(state["history"]))
+            if "results" in state:
+                (folder / RESULTS).write_text(json.dumps(state["results"]))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+
+def restore(checkpoint, net: DIRNet, optimizer) -> dict:
+    """The state to start from: fresh, or the latest checkpoint of a restarted or resumed run."""
+    state = {"epoch": 0, "step": 0, "history": [], "best_value": math.inf, "best_epoch": 0, "best_val": {},
+             "best_model": {}}
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        if (folder / STOPPED).exists():
+            return {**state, STOPPED: json.loads((folder / STOPPED).read_text())}
+        saved = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        best = load_checkpoint(folder / CHECKPOINT)
+    net.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state.update({k: saved[k] for k in ("epoch", "step", "history", "best_value", "best_epoch")})
+    state.update(best_model=best["model"], best_val=best["val"])
+    return state
+
+
+def save_checkpoint(path: Path, weights: dict, cfg: Config, grouping: Grouping, train_labels, epoch: int,
                     val: dict) -> None:
-    state = {"model": model.state_dict(), "config": cfg.to_dict(), "group_edges": list(grouping.edges),
+    state = {"model": weights, "config": cfg.to_dict(), "group_edges": list(grouping.edges),
              "train_labels": torch.as_tensor(np.asarray(train_labels), dtype=torch.float64),
              "epoch": epoch, "val": val, "version": __version__}
     tmp = path.with_name(path.name + ".tmp")
@@ -209,9 +481,44 @@ def load_checkpoint(path: str | Path) -> dict:
         raise TrainingError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
 
 
+def log_final_artifacts(logger, cfg: Config, results: dict, arrays: dict, train_labels, grouping: Grouping,
+                        state: dict) -> None:
+    """Rank 0: the test shot table, the three plots, the config, meta.json and the best checkpoint."""
+    from groupdir import plots
+
+    figures = {"per_label_mae": plots.per_label_error(arrays["predicted"], arrays["target"], train_labels,
+                                                       cfg.label_bin_width),
+               "predicted_vs_true": plots.predicted_vs_true(arrays["predicted"], arrays["target"])}
+    if "chosen" in arrays:
+        figures["group_confusion"] = plots.group_confusion(arrays["chosen"], grouping.assign(arrays["target"]),
+                                                           grouping.num_groups)
+    with tempfile.TemporaryDirectory(prefix="groupdir-artifacts-") as folder:
+        best = Path(folder) / CHECKPOINT
+        save_checkpoint(best, state["best_model"], cfg, grouping, train_labels, state["best_epoch"], state["best_val"])
+        files = [best] + ([Path(cfg.data) / META] if is_shards_dir(cfg.data) else [])
+        logger.log_final(results, cfg.to_dict(), format_shot_table({cfg.method: results}), figures, files)
+
+
+def inject_failure(marker: Path) -> None:
+    """fail_at_step: the process dies as a crashed worker would, once per run (the marker remembers)."""
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("a worker was killed here on purpose (fail_at_step)\n")
+    say(f"fail_at_step: killing this worker (pid {os.getpid()}) on purpose")
+    os._exit(1)
+
+
+def say(line: str) -> None:
+    """A progress line from a worker. Ray Train routes print() through logging (and can show it twice);
+    the process's own stdout reaches the driver's terminal once."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
 def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_size: int | None = None,
                         device: str | None = None) -> dict:
-    """`groupdir eval`: the checkpoint's model on a split of a data root, every route."""
+    """`groupdir eval`: the checkpoint's model on a split of a data root, every route, one process."""
     state = load_checkpoint(path)
     cfg = load_config(overrides={**state["config"], "data": str(data)})
     model = DIRNet(cfg.backbone, cfg.num_groups, grouped=cfg.method == "groupdir")
@@ -222,4 +529,4 @@ def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_
         cfg.batch_size = batch_size
     loader = open_data(cfg, [split], augmented=None)[1][split]
     grouping = Grouping(tuple(state["group_edges"]))
-    return evaluate(model, loader, grouping, state["train_labels"].numpy(), cfg, target_device)
+    return evaluate(model, loader, grouping, state["train_labels"].numpy(), cfg, target_device)[0]

@@ -1,11 +1,14 @@
 import json
 
+import pytest
+
 from groupdir.bench import METHODS, bench_method, claims
 
 
 def test_bench_method_writes_a_table_with_every_method_and_the_claims(tmp_path):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     table = bench_method(tmp_path, seeds=1, train_size=300, epochs=1,
-                         overrides=["image_size=16", "batch_size=64", "num_groups=5"])
+                         overrides=["image_size=16", "batch_size=64", "num_groups=5"], tracking_uri=tracking)
     assert (tmp_path / "method.md").read_text() == table
     for name in METHODS:
         assert f"| {name} |" in table
@@ -15,7 +18,7 @@ def test_bench_method_writes_a_table_with_every_method_and_the_claims(tmp_path):
     # A second call resumes: every run is already finished, nothing is retrained.
     before = {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
     bench_method(tmp_path, seeds=1, train_size=300, epochs=1,
-                 overrides=["image_size=16", "batch_size=64", "num_groups=5"])
+                 overrides=["image_size=16", "batch_size=64", "num_groups=5"], tracking_uri=tracking)
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
 
 
@@ -41,3 +44,28 @@ def test_bench_loader_measures_every_loader_side_by_side(tmp_path):
     assert len(cells) == 3 + len(LOADER_ENCODINGS)
     assert all(float(cell.split()[0]) > 0 for cell in cells[1:])
     assert (tmp_path / "loader.md").read_text() == table
+
+
+def test_bench_train_prints_per_worker_rates_and_scaling(tmp_path):
+    from groupdir.bench import bench_train
+
+    table = bench_train(tmp_path, worker_counts=(1, 2), train_size=300, epochs=2, batch_size=32,
+                        overrides=["image_size=16", "num_groups=5"], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert float(rows[0][3]) == 1.0  # the 1-worker run is the reference
+    for workers, total, per_worker, efficiency in rows:
+        assert float(total) > 0 and abs(float(total) / int(workers) - float(per_worker)) <= 1
+    assert float(rows[1][3]) == pytest.approx(float(rows[1][2]) / float(rows[0][2]), abs=0.01)
+
+
+def test_bench_ceiling_compares_the_loader_with_a_resident_batch(tmp_path):
+    from groupdir.bench import bench_ceiling
+
+    text = bench_ceiling(tmp_path, backbone="resnet18", image_size=16, batch_size=8, steps=2, loader_workers=1,
+                         images=40, source_size=32)
+    rates = [float(line.split("|")[2]) for line in text.splitlines() if line.startswith("| batch") or
+             line.startswith("| FFCV")]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)
+    assert "Loader overhead:" in text and (tmp_path / "ceiling.md").read_text() == text

@@ -28,6 +28,10 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("crop=center", "crop=.center. is not one of"),
     ("select_metric=mae/al", "select_metric='mae/al' is not one of"),
     ("temperature=.inf", "must be a finite number > 0"),
+    ("workers=0", "workers=0 must be a finite number > 0"),
+    ("contrast_scope=all", "contrast_scope='all' is not one of local, global"),
+    ("device=tpu", "device='tpu' is not one of"),
+    ("max_failures=-1", "max_failures=-1 must be a finite number >= 0"),
 ])
 def test_bad_settings_are_refused_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -41,3 +45,11 @@ def test_unreadable_or_non_mapping_file(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("overrides", [["workers=4", "batch_size=2"], ["workers=2", "batch_size=3"],
+                                       ["workers=3", "batch_size=3"]])
+def test_a_global_batch_that_cannot_feed_every_worker_is_refused(overrides):
+    with pytest.raises(ConfigError, match="must split evenly into at least 2 samples for each of the workers"):
+        load_config(overrides=overrides)
+    assert load_config(overrides=["workers=2", "batch_size=4"]).workers == 2

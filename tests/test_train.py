@@ -1,40 +1,72 @@
+"""Training on a real local Ray: one and two DDP workers, MLflow contents, an injected worker crash,
+a diverging run."""
+
 import json
 
 import numpy as np
 import pytest
-import torch
+import ray
+from mlflow import MlflowClient
 
 from groupdir.config import load_config
+from groupdir.data.shards import Encoding, prepare, read_meta
 from groupdir.train import TrainingError, check_finite, evaluate_checkpoint, train
+
+SHARD_RUN = {"epochs": 2, "batch_size": 64, "image_size": 32, "num_groups": 5, "lr": 2e-3}
+STEPS_PER_EPOCH = 300 // 32  # 600 rows: 300 per worker, 32 per worker batch, last partial batch dropped
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-shards") / "synth"
+    prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def run_of(tracking, run_dir):
+    client = MlflowClient(tracking)
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    return client, client.get_run(run_id)
 
 
 @pytest.mark.parametrize("method", ["groupdir", "vanilla"])
-def test_tiny_run_learns(tiny_synth, tmp_path, method):
+def test_tiny_run_learns(tiny_synth, tmp_path, tracking, method):
+    """One worker reading the DIR root through torch's DataLoader."""
     cfg = load_config(overrides={"data": str(tiny_synth), "method": method, "epochs": 6, "batch_size": 64,
-                                 "image_size": 32, "num_groups": 5, "lr": 2e-3, "seed": 0})
+                                 "image_size": 32, "num_groups": 5, "lr": 2e-3, "seed": 0, "tracking_uri": tracking})
     results = train(cfg, tmp_path, progress=False)
 
-    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
-    assert len(steps) == 6 * (600 // 64)
-    expected_terms = {"total", "reg", "cls", "grc"} if method == "groupdir" else {"total", "reg"}
-    assert expected_terms <= set(steps[0])
-    first, last = np.mean([s["total"] for s in steps[:9]]), np.mean([s["total"] for s in steps[-9:]])
-    assert last < first, "training loss did not fall"
-
-    # Validation MAE of the best checkpoint beats predicting the training mean for every sample.
     history = json.loads((tmp_path / "history.json").read_text())
-    best_val = min(h["val/mae/all"] for h in history)
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert results["steps"] == history[-1]["steps"] == 6 * (600 // 64)
+    expected_terms = {"train/total", "train/reg", "train/cls", "train/grc"} if method == "groupdir" \
+        else {"train/total", "train/reg"}
+    assert expected_terms <= set(history[0])
+    assert history[-1]["train/total"] < history[0]["train/total"], "training loss did not fall"
+
     # The checkpoint is chosen on VALIDATION (select_metric), never on test.
-    val_metric = [h["val/bmae/all"] for h in history]
-    assert results["best_epoch"] == int(np.argmin(val_metric)) + 1
+    assert results["best_epoch"] == int(np.argmin([h["val/bmae/all"] for h in history])) + 1
     from groupdir.data import read_dir_table
     table = read_dir_table(tiny_synth)
     mean_baseline = np.abs(table.labels["val"] - table.labels["train"].mean()).mean()
-    assert best_val < mean_baseline
+    assert min(h["val/mae/all"] for h in history) < mean_baseline
 
     saved = json.loads((tmp_path / "results.json").read_text())
     routes = {"predicted", "soft", "oracle"} if method == "groupdir" else {"predicted"}
     assert routes <= set(saved) and {"mae/few", "bmae/all", "group_acc"} <= set(saved["predicted"])
+    assert saved["predicted"]["n/all"] == table.size("test")  # every test row, once
     if method == "groupdir":
         assert saved["oracle"]["group_acc"] == 1.0
     # `groupdir eval` on the saved checkpoint reproduces the test metrics.
@@ -42,6 +74,65 @@ def test_tiny_run_learns(tiny_synth, tmp_path, method):
     assert again["predicted"]["mae/all"] == pytest.approx(results["predicted"]["mae/all"], rel=1e-5)
 
 
+def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
+    cfg = load_config(overrides={**SHARD_RUN, "data": str(shards), "workers": 2, "tracking_uri": tracking})
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["workers"] == 2 and results["steps"] == 2 * STEPS_PER_EPOCH
+    assert results["predicted"]["n/all"] == read_meta(shards)["rows"]["test"]  # the workers' test slices, gathered, every row once
+
+    client, run = run_of(tracking, tmp_path / "run")
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    params = run.data.params
+    assert params["workers"] == "2" and params["num_groups"] == "5" and params["contrast_scope"] == "global"
+    assert len(params) == len(cfg.to_dict())
+    tags = run.data.tags
+    assert tags["dataset"] == "synth_age" and tags["method"] == "groupdir"
+    assert len(tags["git_commit"]) in (40, 7) or tags["git_commit"] == "unknown"
+    assert tags["groupdir_version"]
+    for key in ("val/mae/all", "val/bmae/all", "val/group_acc", "train/grc", "train/cls", "train/reg"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    metrics = run.data.metrics
+    assert metrics["test/mae/few"] == pytest.approx(results["predicted"]["mae/few"])
+    assert metrics["test/oracle/group_acc"] == 1.0
+    assert any(key.startswith("system/cpu") for key in metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint.pt", "config.yaml", "meta.json", "test_shot_table.md", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/per_label_mae.png", "plots/group_confusion.png", "plots/predicted_vs_true.png"}
+    table = client.download_artifacts(run.info.run_id, "test_shot_table.md", str(tmp_path))
+    assert "groupdir (predicted route)" in open(table).read()
+
+
+def test_a_crashed_worker_is_replaced_and_every_epoch_is_logged_once(shards, tmp_path, tracking):
+    # The last worker dies in the middle of epoch 2; Ray restarts both from epoch 1's checkpoint.
+    cfg = load_config(overrides={**SHARD_RUN, "epochs": 3, "data": str(shards), "workers": 2,
+                                 "tracking_uri": tracking, "fail_at_step": STEPS_PER_EPOCH + 3, "max_failures": 1})
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "ray" / "failure-injected").exists()  # it did crash
+    assert results["steps"] == 3 * STEPS_PER_EPOCH  # what an uninterrupted run takes, no step repeated
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    client, run = run_of(tracking, tmp_path / "run")
+    assert run.info.status == "FINISHED"
+    for key in ("val/mae/all", "train/total", "steps"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == \
+        [STEPS_PER_EPOCH * e for e in (1, 2, 3)]
+
+
+def test_a_diverging_run_stops_at_once_naming_the_term_and_step(shards, tmp_path, tracking):
+    cfg = load_config(overrides={**SHARD_RUN, "data": str(shards), "workers": 2, "tracking_uri": tracking,
+                                 "lr": 1e30, "max_failures": 2})
+    with pytest.raises(TrainingError, match=r"^loss term '\w+' is (nan|inf|-inf) at epoch 1, step \d+"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "results.json").exists()
+    _, run = run_of(tracking, tmp_path / "run")
+    assert run.info.status == "FAILED"
+    # Stopped for good: a rerun of the same command says so again instead of training on.
+    with pytest.raises(TrainingError, match="loss term"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
 def test_non_finite_loss_names_the_term_and_step():
     with pytest.raises(TrainingError, match="loss term 'grc' is nan at epoch 2, step 17"):
-        check_finite({"total": torch.tensor(1.0), "grc": torch.tensor(float("nan"))}, epoch=1, step=17)
+        check_finite({"total": 1.0, "grc": float("nan")}, epoch=1, step=17)

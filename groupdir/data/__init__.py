@@ -12,20 +12,39 @@ from groupdir.data.shards import is_shards_dir, shard_labels
 __all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDataset", "make_loader", "open_data"]
 
 
-def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "train") -> tuple[np.ndarray, dict]:
+def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "train", rank: int = 0,
+              world_size: int = 1) -> tuple[np.ndarray, dict]:
     """(training labels, {split: loader}) for `cfg.data`: FFCV shards (a folder with meta.json, the
     default path) or a DIR data root read with torch's DataLoader (for small experiments). The
-    `augmented` split gets the training transforms and a shuffled order."""
+    `augmented` split gets the training transforms and a shuffled order. Each of `world_size` ranks
+    gets its slice and its share of the global `cfg.batch_size`."""
+    batch_size = cfg.batch_size // world_size
     if is_shards_dir(cfg.data):
         from groupdir.data.ffcv_loader import ShardLoader
 
-        loaders = {split: ShardLoader(cfg.data, split, cfg.image_size, cfg.batch_size, train=split == augmented,
-                                      seed=cfg.seed, workers=max(1, cfg.loader_workers), crop=cfg.crop)
+        loaders = {split: ShardLoader(cfg.data, split, cfg.image_size, batch_size, train=split == augmented,
+                                      seed=cfg.seed, workers=max(1, cfg.loader_workers), rank=rank,
+                                      world_size=world_size, crop=cfg.crop)
                    for split in splits}
         return shard_labels(cfg.data, "train"), loaders
     table = read_dir_table(cfg.data, cfg.dataset, cfg.csv)
-    loaders = {split: make_loader(table.paths[split], table.labels[split], cfg.image_size, cfg.batch_size,
+    loaders = {split: make_loader(table.paths[split], table.labels[split], cfg.image_size, batch_size,
                                   train=split == augmented, workers=cfg.loader_workers, seed=cfg.seed,
-                                  crop=cfg.crop)
+                                  crop=cfg.crop, rank=rank, world_size=world_size)
                for split in splits}
     return table.labels["train"], loaders
+
+
+def train_labels(cfg) -> np.ndarray:
+    """The training labels alone (the driver checks the grouping with them before any worker starts)."""
+    if is_shards_dir(cfg.data):
+        return shard_labels(cfg.data, "train")
+    return read_dir_table(cfg.data, cfg.dataset, cfg.csv, check_images=False).labels["train"]
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Make the next pass over `loader` draw epoch `epoch`'s order (a resumed run replays it)."""
+    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.epoch = epoch

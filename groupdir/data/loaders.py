@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 
@@ -47,11 +47,15 @@ class DIRImageDataset(Dataset):
 
 
 def make_loader(paths, labels, image_size: int, batch_size: int, train: bool, workers: int = 0,
-                seed: int = 0, crop: str = "pad") -> DataLoader:
+                seed: int = 0, crop: str = "pad", rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Each rank reads its slice; the order is drawn from (seed, epoch): call `set_epoch` (the sampler's)
+    before each pass, so a resumed run replays the same order. Eval slices are padded with repeated
+    rows to equal length (the third item of a batch, the row index, lets evaluation drop them)."""
     dataset = DIRImageDataset(paths, labels, image_size, train, crop)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-                      num_workers=workers, generator=generator, persistent_workers=workers > 0)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      drop_last=train and len(dataset) // world_size > batch_size,
+                      num_workers=workers, persistent_workers=workers > 0)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,3 @@
-import shutil
 
 import numpy as np
 import pytest
@@ -87,7 +86,7 @@ def test_every_problem_of_every_row_is_listed_in_one_error(root):
 
 
 def test_many_bad_rows_are_listed_up_to_twenty(root):
-    rows = ["age,path,split"] + [f"-1,img/0.jpg,train" for _ in range(25)]
+    rows = ["age,path,split"] + ["-1,img/0.jpg,train" for _ in range(25)]
     (root / "agedb.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(DataError, match=r"25 problem\(s\)[\s\S]*and 5 more"):
         read_dir_table(root)

@@ -1,0 +1,84 @@
+"""The collectives the training loop needs, each a no-op in a single process.
+
+`global_batch` is what makes contrast_scope=global possible: every worker gathers all workers'
+features (with autograd: gradients flow back to the worker that produced them) and groups, so the
+O(B^2) contrastive loss sees the global batch. Its backward SUMS the gradient each worker computes
+for a piece (every worker computes the same global loss), so a worker's features receive
+world_size x dL/dz; DDP then averages parameter gradients over the workers, which makes the
+parameter gradient exactly that of the global loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def global_batch(features: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every worker's (features, groups) concatenated in rank order; workers' batches are equal-sized."""
+    _, world_size = world()
+    if world_size == 1:
+        return features, groups
+    all_groups = [torch.empty_like(groups) for _ in range(world_size)]
+    dist.all_gather(all_groups, groups.contiguous())
+    return _GatherWithGrad.apply(features), torch.cat(all_groups)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each worker the summed gradient of its own piece."""
+
+    @staticmethod
+    def forward(ctx, piece: torch.Tensor) -> torch.Tensor:
+        rank, world_size = world()
+        pieces = [torch.empty_like(piece) for _ in range(world_size)]
+        dist.all_gather(pieces, piece.contiguous())
+        ctx.rows = slice(rank * len(piece), (rank + 1) * len(piece))
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # all_reduce + slice: works on gloo and NCCL alike
+        return grad[ctx.rows]
+
+
+def mean_over_workers(values: torch.Tensor) -> torch.Tensor:
+    """The mean of a small tensor over the workers (a NaN on one worker makes it NaN on every worker,
+    so all of them stop at the same step)."""
+    _, world_size = world()
+    if world_size == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size
+
+
+def gather_rows(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Each worker's per-sample arrays, gathered and de-duplicated by data-set row, in row order.
+    Samplers pad the last worker's slice with repeated rows; evaluation must count each row once."""
+    _, world_size = world()
+    if world_size > 1:
+        pieces: list = [None] * world_size
+        dist.all_gather_object(pieces, (arrays, rows))
+        arrays = {key: np.concatenate([piece[0][key] for piece in pieces]) for key in arrays}
+        rows = np.concatenate([piece[1] for piece in pieces])
+    _, first = np.unique(rows, return_index=True)
+    return {key: value[first] for key, value in arrays.items()}
+
+
+def gather_objects(value) -> list:
+    """One small picklable value from every worker, in rank order."""
+    _, world_size = world()
+    if world_size == 1:
+        return [value]
+    values: list = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values

@@ -1,0 +1,45 @@
+import pytest
+
+from groupdir.errors import ConfigError
+from groupdir.tracking import RunLogger, check_reachable, open_run, resolve_uri
+
+
+def test_uris_resolve_to_absolute_sqlite_and_file_stores_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_uri("") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_uri("sqlite:///sub/x.db") == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
+    assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    for bad in ("./mlruns", "file:///tmp/mlruns"):
+        with pytest.raises(ConfigError, match="no longer accepts file stores"):
+            resolve_uri(bad)
+
+
+def test_an_unusable_tracking_store_is_refused_fast(tmp_path):
+    with pytest.raises(ConfigError, match="unreachable"):
+        check_reachable("http://127.0.0.1:9", timeout=2)  # nothing listens on port 9
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_reachable(f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}")
+    check_reachable(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a new sqlite store is fine
+    assert (tmp_path / "mlflow.db").exists()
+
+
+def test_epochs_already_in_mlflow_are_not_logged_again(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = open_run(uri, "e", "r", {"lr": 0.1}, {"method": "groupdir"})
+    assert open_run(uri, "e", "r", {}, {}, run_id=run_id) == run_id  # a resumed run reopens its run
+    logger = RunLogger(uri, run_id)
+    try:
+        history = [{"epoch": 1, "train/total": 3.0}, {"epoch": 2, "train/total": 2.0}]
+        logger.log_epochs(history[:1])
+        logger.log_epochs(history)  # after a restart the whole history comes again
+        logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
+        logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
+    finally:
+        logger.close()
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/total")] == [(1, 3.0), (2, 2.0)]
+    # epoch 3's NaN is left out (MLflow cannot plot it); its other metrics are there
+    assert [m.step for m in client.get_metric_history(run_id, "val/mae/all")] == [3]
+    assert client.get_run(run_id).data.params == {"lr": "0.1"}
