@@ -9,6 +9,7 @@ checkpointed history and only if not logged yet, so a worker restart never logs 
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import time
@@ -95,7 +96,7 @@ class RunLogger:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri)
+        self.client = _client(uri)  # before the monitor: it quiets MLflow's INFO lines
         self.system = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=True, tracking_uri=uri)
         self.system.start()
 
@@ -137,4 +138,7 @@ def _finite(value) -> bool:
 def _client(uri: str):
     from mlflow import MlflowClient
 
+    # MLflow logs at INFO when it creates tables or starts and stops the system monitor: noise in
+    # a training log. Set after the import, which configures MLflow's logger.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)

@@ -207,8 +207,7 @@ def train_worker(job: dict) -> None:
 
     cfg: Config = job["cfg"]
     rank, world_size = world()
-    for chatty in ("", "mlflow"):  # Ray Train and MLflow log at INFO on every report
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs at INFO on every report
     # 1x1 conv weight gradients have ambiguous strides on the CPU; DDP's warning about them is noise.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     seed_everything(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
