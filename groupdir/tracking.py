@@ -72,8 +72,9 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
     return run.info.run_id
 
 
-def finish_run(uri: str, run_id: str, failed: bool) -> None:
-    _client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    """status: FINISHED, FAILED, or KILLED (Ctrl-C)."""
+    _client(uri).set_terminated(run_id, status=status)
 
 
 def provenance_tags(cfg, dataset: str) -> dict:

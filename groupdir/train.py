@@ -67,24 +67,28 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool =
     dataset = preflight(cfg)
     tracking.check_reachable(cfg.tracking_uri)
     previous = claim_run_dir(run_dir, cfg, force)
-    storage = Path(cfg.storage_path or run_dir / "ray")
     if previous:
         print(f"resuming the run in {run_dir} (MLflow run {previous['mlflow_run_id']})", flush=True)
     run_id = tracking.open_run(cfg.tracking_uri, cfg.experiment, run_dir.name, cfg.to_dict(),
                                tracking.provenance_tags(cfg, dataset),
                                previous["mlflow_run_id"] if previous else "")
-    write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "config": cfg.to_dict()})
+    # Ray keeps the checkpoints in storage/ray_name; a new name for every fresh run, so that runs
+    # sharing a storage_path (or a run started over with --force) never pick up another's checkpoints.
+    ray_name = previous["ray_name"] if previous else f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = cfg.storage_path or str(run_dir / "ray")
+    write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "ray_name": ray_name, "config": cfg.to_dict()})
+    job = {"cfg": cfg, "run_id": run_id, "progress": progress,
+           "failure_marker": f"{storage}/{ray_name}/failure-injected"}
     try:
-        final = run_trainer(cfg, run_dir, storage, {"cfg": cfg, "run_id": run_id, "progress": progress,
-                                                          "failure_marker": str(storage / "failure-injected")})
+        final = run_trainer(cfg, run_dir, storage, ray_name, job)
         if STOPPED in final:
             raise TrainingError(final[STOPPED]["message"])
-    except BaseException:
-        tracking.finish_run(cfg.tracking_uri, run_id, failed=True)
+    except BaseException as err:
+        tracking.finish_run(cfg.tracking_uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     write_json_atomic(run_dir / HISTORY, final["history"])
     write_json_atomic(run_dir / RESULTS, final["results"])
-    tracking.finish_run(cfg.tracking_uri, run_id, failed=False)
+    tracking.finish_run(cfg.tracking_uri, run_id, "FINISHED")
     return final["results"]
 
 
@@ -142,7 +146,7 @@ def ray_session(address: str = "", num_cpus: int | None = None):
         ray.shutdown()
 
 
-def run_trainer(cfg: Config, run_dir: Path, storage: Path, loop_config: dict) -> dict:
+def run_trainer(cfg: Config, run_dir: Path, storage: str, ray_name: str, job: dict) -> dict:
     """One Ray Train run; copies the best model to the run folder and returns the results and
     history of the final checkpoint (or its STOPPED record)."""
     import ray
@@ -153,12 +157,12 @@ def run_trainer(cfg: Config, run_dir: Path, storage: Path, loop_config: dict) ->
         use_gpu = pick_gpu(cfg, ray.cluster_resources(), autoscaling=bool(cfg.address))
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
         trainer = TorchTrainer(
-            train_worker, train_loop_config=loop_config,
+            train_worker, train_loop_config=job,
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources,
                                                    placement_strategy=cfg.placement),
             run_config=ray.train.RunConfig(
-                name=run_dir.name, storage_path=str(storage),
+                name=ray_name, storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING")))

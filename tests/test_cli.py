@@ -75,3 +75,38 @@ def test_prepare_then_train_on_shards(tiny_synth, tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     test_rows = json.loads((shards / "meta.json").read_text())["rows"]["test"]
     assert results["predicted"]["n/all"] == test_rows  # every test row, read from the shards
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tracking):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards), "--max-resolution", "32",
+                 "--workers", "1"]) == 0
+    command = [sys.executable, "-m", "groupdir.cli", "train", "--data", str(shards), "--out", str(run),
+               "epochs=3", "batch_size=64", "num_groups=4", "image_size=16"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(run.glob("ray/*/checkpoint_*")):  # the first epoch is checkpointed
+        assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+        time.sleep(0.5)
+    driver.kill()  # SIGKILL: no clean-up of any kind; the embedded Ray dies with its driver
+    driver.wait()
+    assert not (run / "results.json").exists()
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming the run in {run}" in again.stdout
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["steps"] == 3 * (600 // 64)
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("groupdir").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, resumed
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mae/all")] == [1, 2, 3]

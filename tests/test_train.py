@@ -108,7 +108,7 @@ def test_a_crashed_worker_is_replaced_and_every_epoch_is_logged_once(shards, tmp
     cfg = load_config(overrides={**SHARD_RUN, "epochs": 3, "data": str(shards), "workers": 2,
                                  "tracking_uri": tracking, "fail_at_step": STEPS_PER_EPOCH + 3, "max_failures": 1})
     results = train(cfg, tmp_path / "run", progress=False)
-    assert (tmp_path / "run" / "ray" / "failure-injected").exists()  # it did crash
+    assert list((tmp_path / "run" / "ray").glob("run-*/failure-injected"))  # it did crash
     assert results["steps"] == 3 * STEPS_PER_EPOCH  # what an uninterrupted run takes, no step repeated
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
