@@ -73,11 +73,11 @@ class Config:
     weight_decay: float = 1e-4
     seed: int = 0
     select_metric: str = "bmae/all"  # validation metric that picks the best checkpoint (lower is better)
-    threads: int = 0               # torch CPU threads per worker; 0: cpus_per_worker
+    threads: int = 0               # torch CPU threads per worker; 0: its CPUs (cpus_per_worker)
 
     # --- distributed (Ray Train) ------------------------------------------------------------
     workers: int = 1               # DDP workers (Ray Train actors); batch_size is split among them
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.0   # 0: the local Ray's CPUs shared among the workers (1 on a joined cluster)
     gpus_per_worker: float = 1.0   # used when training on GPUs
     device: str = "auto"           # auto (GPUs if the Ray cluster has any) | cpu | cuda
     placement: str = "PACK"        # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers over nodes)
@@ -112,14 +112,13 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("image_size", "label_bin_width", "temperature", "epochs", "batch_size", "lr", "workers",
-                "cpus_per_worker")
+        positive = ("image_size", "label_bin_width", "temperature", "epochs", "batch_size", "lr", "workers")
         for key in positive:
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{key}={value!r} must be a finite number > 0")
         non_negative = ("loader_workers", "beta", "lambda_grc", "lambda_reg", "lambda_soft",
-                        "weight_decay", "threads", "few_shot", "lds_sigma", "gpus_per_worker",
+                        "weight_decay", "threads", "few_shot", "lds_sigma", "cpus_per_worker", "gpus_per_worker",
                         "max_failures")
         for key in non_negative:
             value = getattr(self, key)

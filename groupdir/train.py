@@ -154,7 +154,12 @@ def run_trainer(cfg: Config, run_dir: Path, storage: str, ray_name: str, job: di
     from ray.train.torch import TorchTrainer
 
     with ray_session(cfg.address):
-        use_gpu = pick_gpu(cfg, ray.cluster_resources(), autoscaling=bool(cfg.address))
+        cluster = ray.cluster_resources()
+        if not cfg.cpus_per_worker:  # auto: a local Ray's CPUs shared out; 1 where the cluster may grow
+            cpus = 1 if cfg.address else max(1, int(cluster.get("CPU", 1) // cfg.workers))
+            cfg = dataclasses.replace(cfg, cpus_per_worker=float(cpus))
+            job = {**job, "cfg": cfg}
+        use_gpu = pick_gpu(cfg, cluster, autoscaling=bool(cfg.address))
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
         trainer = TorchTrainer(
             train_worker, train_loop_config=job,

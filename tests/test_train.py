@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import ray
+import torch
 from mlflow import MlflowClient
 
 from groupdir.config import load_config
@@ -136,3 +137,13 @@ def test_a_diverging_run_stops_at_once_naming_the_term_and_step(shards, tmp_path
 def test_non_finite_loss_names_the_term_and_step():
     with pytest.raises(TrainingError, match="loss term 'grc' is nan at epoch 2, step 17"):
         check_finite({"total": 1.0, "grc": float("nan")}, epoch=1, step=17)
+
+
+def test_compiled_model_trains_and_saves_a_plain_checkpoint(shards, tmp_path, tracking):
+    cfg = load_config(overrides={**SHARD_RUN, "epochs": 1, "image_size": 16, "data": str(shards),
+                                 "compile": True, "tracking_uri": tracking})
+    results = train(cfg, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert not any(key.startswith("_orig_mod") for key in state["model"])  # eval needs no torch.compile
+    again = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", str(shards), "test", device="cpu")
+    assert again["predicted"]["mae/all"] == pytest.approx(results["predicted"]["mae/all"], rel=1e-4)
