@@ -202,7 +202,7 @@ def bench_train(out: Path, worker_counts=(1, 2), train_size: int = 2000, epochs:
     with ray_session(num_cpus=max(worker_counts)):
         for workers in worker_counts:
             pairs = {"data": str(shards), "workers": workers, "epochs": epochs, "batch_size": batch_size,
-                     "threads": 1, "experiment": "bench-train", "tracking_uri": tracking_uri}
+                     "threads": 1, "device": "cpu", "experiment": "bench-train", "tracking_uri": tracking_uri}
             cfg = load_config(overrides=[f"{k}={v}" for k, v in pairs.items()] + list(overrides or []))
             run_dir = out / f"workers-{workers}"
             print(f"{workers} worker(s) ...", flush=True)

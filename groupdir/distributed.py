@@ -61,6 +61,16 @@ def mean_over_workers(values: torch.Tensor) -> torch.Tensor:
     return values / world_size
 
 
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's BatchNorm statistics on every worker. DDP broadcasts buffers at the start of each
+    training forward, so after the last step the workers' statistics differ; evaluation must use one
+    model (the one the checkpoint saves)."""
+    _, world_size = world()
+    if world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_rows(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     """Each worker's per-sample arrays, gathered and de-duplicated by data-set row, in row order.
     Samplers pad the last worker's slice with repeated rows; evaluation must count each row once."""

@@ -113,6 +113,11 @@ class RunLogger:
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
+    def final_logged(self) -> bool:
+        """Whether the test results are in (a driver resumed after the final report must not
+        log them twice)."""
+        return "test/mae/all" in self.client.get_run(self.run_id).data.metrics
+
     def log_final(self, results: dict, cfg_dict: dict, shot_table: str, figures: dict, files: list[Path]) -> None:
         from mlflow.entities import Metric
 

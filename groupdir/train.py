@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from groupdir.config import Config, load_config
 from groupdir.data import open_data, set_epoch, train_labels
 from groupdir.data.loaders import normalize
 from groupdir.data.shards import META, is_shards_dir, read_meta
-from groupdir.distributed import gather_objects, gather_rows, global_batch, mean_over_workers, world
+from groupdir.distributed import (gather_objects, gather_rows, global_batch, mean_over_workers, sync_buffers,
+                                  world)
 from groupdir.errors import ConfigError, TrainingError
 from groupdir.grouping import Grouping, make_grouping
 from groupdir.losses import group_contrastive_loss, label_weights, regression_loss, soft_label_loss
@@ -62,33 +64,41 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool =
     from groupdir import tracking
 
     run_dir = Path(run_dir).resolve()
-    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",
-                              tracking_uri=tracking.resolve_uri(cfg.tracking_uri))  # workers run elsewhere
+    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",  # workers run
+                              storage_path=local_absolute(cfg.storage_path),              # elsewhere
+                              tracking_uri=tracking.resolve_uri(cfg.tracking_uri))
     dataset = preflight(cfg)
     tracking.check_reachable(cfg.tracking_uri)
-    previous = claim_run_dir(run_dir, cfg, force)
-    if previous:
-        print(f"resuming the run in {run_dir} (MLflow run {previous['mlflow_run_id']})", flush=True)
-    run_id = tracking.open_run(cfg.tracking_uri, cfg.experiment, run_dir.name, cfg.to_dict(),
-                               tracking.provenance_tags(cfg, dataset),
-                               previous["mlflow_run_id"] if previous else "")
-    # Ray keeps the checkpoints in storage/ray_name; a new name for every fresh run, so that runs
-    # sharing a storage_path (or a run started over with --force) never pick up another's checkpoints.
-    ray_name = previous["ray_name"] if previous else f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = cfg.storage_path or str(run_dir / "ray")
-    write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "ray_name": ray_name, "config": cfg.to_dict()})
-    job = {"cfg": cfg, "run_id": run_id, "progress": progress,
-           "failure_marker": f"{storage}/{ray_name}/failure-injected"}
-    try:
-        final = run_trainer(cfg, run_dir, storage, ray_name, job)
-        if STOPPED in final:
-            raise TrainingError(final[STOPPED]["message"])
-    except BaseException as err:
-        tracking.finish_run(cfg.tracking_uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
+    if cfg.address and cfg.tracking_uri.startswith("sqlite:"):
+        print(f"note: on a multi-node cluster every node must see {cfg.tracking_uri} at that path; "
+              f"otherwise run an MLflow server (README: Run on a cluster)", flush=True)
+    with ray_session(cfg.address):
+        cfg, use_gpu = fit_resources(cfg)  # before anything is written: a refused run leaves no trace
+        previous = claim_run_dir(run_dir, cfg, force)
+        if previous:
+            print(f"resuming the run in {run_dir} (MLflow run {previous['mlflow_run_id']})", flush=True)
+        run_id = tracking.open_run(cfg.tracking_uri, cfg.experiment, run_dir.name, cfg.to_dict(),
+                                   tracking.provenance_tags(cfg, dataset),
+                                   previous["mlflow_run_id"] if previous else "")
+        # Ray keeps the checkpoints in storage/ray_name; a new name for every fresh run, so that runs
+        # sharing a storage_path (or a run started over with --force) never pick up another's.
+        ray_name = previous["ray_name"] if previous else f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+        storage = cfg.storage_path or str(run_dir / "ray")
+        write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "ray_name": ray_name,
+                                                 "config": cfg.to_dict()})
+        job = {"cfg": cfg, "run_id": run_id, "progress": progress,
+               "failure_marker": f"{storage}/{ray_name}/failure-injected"}
+        try:
+            final = run_trainer(cfg, use_gpu, run_dir, storage, ray_name, job)
+            if STOPPED in final:
+                raise TrainingError(final[STOPPED]["message"])
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            tracking.finish_run(cfg.tracking_uri, run_id, status)
+            raise
     write_json_atomic(run_dir / HISTORY, final["history"])
-    write_json_atomic(run_dir / RESULTS, final["results"])
     tracking.finish_run(cfg.tracking_uri, run_id, "FINISHED")
+    write_json_atomic(run_dir / RESULTS, final["results"])  # last: its presence means "finished"
     return final["results"]
 
 
@@ -96,13 +106,20 @@ def preflight(cfg: Config) -> str:
     """Everything that can be refused before Ray starts; returns the data set's name."""
     if not cfg.data:
         raise ConfigError("no data: pass --data DATA (FFCV shards or a DIR data root)")
-    groups_and_weights(cfg, train_labels(cfg))  # raises on more groups than labels, a bad LDS setting
+    labels = train_labels(cfg)
+    groups_and_weights(cfg, labels)  # raises on more groups than labels, a bad LDS setting
+    if len(labels) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training rows: no full batch")
     if is_shards_dir(cfg.data):
         meta = read_meta(cfg.data)
         for split, shards in meta["shards"].items():
             if len(shards) > 1 and len(shards) % cfg.workers:
                 raise ConfigError(f"{len(shards)} shards of split {split!r} cannot be shared by workers="
                                   f"{cfg.workers}; prepare with --num-shards a multiple of the worker count")
+            smallest = min(shard["rows"] for shard in shards)
+            if split == "train" and len(shards) > 1 and smallest < cfg.batch_size // cfg.workers:
+                raise ConfigError(f"a train shard of {smallest} rows holds no full batch of "
+                                  f"{cfg.batch_size // cfg.workers} per worker; prepare fewer shards")
         return meta["dataset"]
     return Path(cfg.data).name
 
@@ -146,58 +163,64 @@ def ray_session(address: str = "", num_cpus: int | None = None):
         ray.shutdown()
 
 
-def run_trainer(cfg: Config, run_dir: Path, storage: str, ray_name: str, job: dict) -> dict:
+def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, job: dict) -> dict:
     """One Ray Train run; copies the best model to the run folder and returns the results and
     history of the final checkpoint (or its STOPPED record)."""
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    with ray_session(cfg.address):
-        cluster = ray.cluster_resources()
-        if not cfg.cpus_per_worker:  # auto: a local Ray's CPUs shared out; 1 where the cluster may grow
-            cpus = 1 if cfg.address else max(1, int(cluster.get("CPU", 1) // cfg.workers))
-            cfg = dataclasses.replace(cfg, cpus_per_worker=float(cpus))
-            job = {**job, "cfg": cfg}
-        use_gpu = pick_gpu(cfg, cluster, autoscaling=bool(cfg.address))
-        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-        trainer = TorchTrainer(
-            train_worker, train_loop_config=job,
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                                   resources_per_worker=resources,
-                                                   placement_strategy=cfg.placement),
-            run_config=ray.train.RunConfig(
-                name=ray_name, storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING")))
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as err:
-            raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {worker_error(err)}") from None
-        with result.checkpoint.as_directory() as folder:
-            folder = Path(folder)
-            if (folder / STOPPED).exists():
-                return {STOPPED: json.loads((folder / STOPPED).read_text())}
-            shutil.copyfile(folder / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp"))
-            os.replace(run_dir / (CHECKPOINT + ".tmp"), run_dir / CHECKPOINT)
-            return {"results": json.loads((folder / RESULTS).read_text()),
-                    "history": json.loads((folder / HISTORY).read_text())}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.placement),
+        run_config=ray.train.RunConfig(
+            name=ray_name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {worker_error(err)}") from None
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        if (folder / STOPPED).exists():
+            return {STOPPED: json.loads((folder / STOPPED).read_text())}
+        shutil.copyfile(folder / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp"))
+        os.replace(run_dir / (CHECKPOINT + ".tmp"), run_dir / CHECKPOINT)
+        return {"results": json.loads((folder / RESULTS).read_text()),
+                "history": json.loads((folder / HISTORY).read_text())}
 
 
-def pick_gpu(cfg: Config, cluster: dict, autoscaling: bool) -> bool:
-    """device=auto trains on GPUs when the cluster has any. A run that cannot fit is refused (Ray
-    would wait for resources forever), unless the cluster may grow (one joined by address)."""
+def fit_resources(cfg: Config) -> tuple[Config, bool]:
+    """The config with cpus_per_worker resolved, and whether to train on GPUs (device=auto: when the
+    cluster has any). A run that cannot fit is refused (Ray would wait for resources forever), unless
+    the cluster may grow (one joined by address)."""
+    import ray
+
+    cluster = ray.cluster_resources()
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
+    if not cfg.cpus_per_worker:  # auto: a local Ray's CPUs shared out; 1 where the cluster may grow
+        cfg = dataclasses.replace(cfg, cpus_per_worker=1.0 if cfg.address else float(max(1, int(cpus // cfg.workers))))
     use_gpu = gpus > 0 if cfg.device == "auto" else cfg.device == "cuda"
-    if not autoscaling:
+    if use_gpu and (cfg.gpus_per_worker < 1 or cfg.gpus_per_worker != int(cfg.gpus_per_worker)):
+        raise ConfigError(f"gpus_per_worker={cfg.gpus_per_worker:g}: each DDP worker needs whole GPUs of its own "
+                          f"(NCCL refuses two workers on one GPU)")
+    if not cfg.address:
         if cfg.workers * cfg.cpus_per_worker > cpus:
             raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.cpus_per_worker:g} needs "
                               f"{cfg.workers * cfg.cpus_per_worker:g} CPUs; this Ray has {cpus:g}")
         if use_gpu and cfg.workers * cfg.gpus_per_worker > gpus:
             raise ConfigError(f"workers={cfg.workers} x gpus_per_worker={cfg.gpus_per_worker:g} needs more "
                               f"GPUs than the {gpus:g} here")
-    return use_gpu
+    return cfg, use_gpu
+
+
+def local_absolute(path: str) -> str:
+    """A local path made absolute (Ray and its workers run elsewhere); URIs (s3://...) as they are."""
+    return path if not path or "://" in path else str(Path(path).expanduser().resolve())
 
 
 def worker_error(err) -> str:
@@ -269,6 +292,7 @@ def train_worker(job: dict) -> None:
                 step += 1
             seconds = time.perf_counter() - started
             batches = len(loaders["train"])
+            sync_buffers(net)
             val = evaluate(net, loaders["val"], grouping, labels, cfg, device)[0]["predicted"]
             if math.isnan(val[cfg.select_metric]):
                 raise TrainingError(f"validation {cfg.select_metric} is NaN (no validation sample in that "
@@ -297,7 +321,7 @@ def train_worker(job: dict) -> None:
         results.update(best_epoch=state["best_epoch"], steps=step, workers=world_size, nodes=nodes)
         state["results"] = results
         report(state, rank, net, optimizer, cfg, grouping, labels)
-        if logger:
+        if logger and not logger.final_logged():
             log_final_artifacts(logger, cfg, results, arrays, labels, grouping, state)
     except TrainingError as err:  # deterministic: every worker sees it at the same step; no retry
         state[STOPPED] = {"message": str(err)}

@@ -44,8 +44,8 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert "num_groups='banana': expected an integer" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
-    assert main(["synth", str(tmp_path / "s"), "--train", "20", "--image-size", "16"]) == 0
-    assert main(["synth", str(tmp_path / "s"), "--train", "20"]) == 2
+    assert main(["synth", str(tmp_path / "s"), "--train", "200", "--image-size", "16"]) == 0
+    assert main(["synth", str(tmp_path / "s"), "--train", "200"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "s"), "num_groups=500"]) == 2
     assert "exceeds the" in capsys.readouterr().err
@@ -56,8 +56,16 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "num_groups=5",
                  "workers=64"]) == 2
     assert "needs 64 CPUs" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "num_groups=5",
+                 "device=cuda", "gpus_per_worker=0.5"]) == 2
+    assert "needs whole GPUs" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "num_groups=5",
+                 "device=cuda"]) == 2
+    assert "needs more GPUs than the 0 here" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "s"), "num_groups=5", "batch_size=256"]) == 2
+    assert "exceeds the 200 training rows" in capsys.readouterr().err
     assert not ray.is_initialized()  # each was refused before training (Ray stopped or never started)
-    assert not (tmp_path / "r" / "results.json").exists()
+    assert not (tmp_path / "r").exists()  # ... and before anything was written: a corrected rerun just runs
 
 
 def test_prepare_then_train_on_shards(tiny_synth, tmp_path, capsys):

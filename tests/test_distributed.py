@@ -33,24 +33,30 @@ def _rank(rank: int, store: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        inputs, groups = batch()
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        model = torch.nn.parallel.DistributedDataParallel(encoder())
-        features = model(inputs[mine])
-        features.retain_grad()
-        all_features, all_groups = global_batch(features, groups[mine])
-        loss = group_contrastive_loss(all_features, all_groups, temperature=0.7)
-        loss.backward()
-        # Row-wise gathering with the padding a sampler adds (row 0 repeated on the last rank).
-        rows = np.arange(rank * 3, rank * 3 + 3) if rank == 0 else np.array([3, 4, 5, 0])
-        gathered = gather_rows({"value": rows * 10.0}, rows)
-        Path(out).write_text(json.dumps({
-            "loss": loss.item(), "groups": all_groups.tolist(), "feature_grad": features.grad.tolist(),
-            "weight_grad": model.module.weight.grad.tolist(), "bias_grad": model.module.bias.grad.tolist(),
-            "mean": mean_over_workers(torch.tensor([float(rank), float("nan") if rank else 1.0])).tolist(),
-            "gathered": gathered["value"].tolist()}))
+        Path(out).write_text(json.dumps(_global_step(rank)))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+
+
+def _global_step(rank: int) -> dict:
+    """One DDP step with the global contrast; DDP (and its reducer's threads) is gone on return,
+    before the process group is destroyed."""
+    inputs, groups = batch()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    model = torch.nn.parallel.DistributedDataParallel(encoder())
+    features = model(inputs[mine])
+    features.retain_grad()
+    all_features, all_groups = global_batch(features, groups[mine])
+    loss = group_contrastive_loss(all_features, all_groups, temperature=0.7)
+    loss.backward()
+    # Row-wise gathering with the padding a sampler adds (row 0 repeated on the last rank).
+    rows = np.arange(rank * 3, rank * 3 + 3) if rank == 0 else np.array([3, 4, 5, 0])
+    gathered = gather_rows({"value": rows * 10.0}, rows)
+    return {"loss": loss.item(), "groups": all_groups.tolist(), "feature_grad": features.grad.tolist(),
+            "weight_grad": model.module.weight.grad.tolist(), "bias_grad": model.module.bias.grad.tolist(),
+            "mean": mean_over_workers(torch.tensor([float(rank), float("nan") if rank else 1.0])).tolist(),
+            "gathered": gathered["value"].tolist()}
 
 
 def _spawned(rank, store, outs):

@@ -36,9 +36,13 @@ def test_epochs_already_in_mlflow_are_not_logged_again(tmp_path):
         logger.log_epochs(history)  # after a restart the whole history comes again
         logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
         logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
+        assert not logger.final_logged()
+        logger.log_final({"predicted": {"mae/all": 1.5, "mae/few": float("nan")}}, {"lr": 0.1}, "table", {}, [])
+        assert logger.final_logged()  # a resumed driver's workers skip the final logging
     finally:
         logger.close()
     client = MlflowClient(uri)
+    assert client.get_run(run_id).data.metrics["test/mae/all"] == 1.5
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/total")] == [(1, 3.0), (2, 2.0)]
     # epoch 3's NaN is left out (MLflow cannot plot it); its other metrics are there
     assert [m.step for m in client.get_metric_history(run_id, "val/mae/all")] == [3]

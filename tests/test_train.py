@@ -102,6 +102,9 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     assert plots == {"plots/per_label_mae.png", "plots/group_confusion.png", "plots/predicted_vs_true.png"}
     table = client.download_artifacts(run.info.run_id, "test_shot_table.md", str(tmp_path))
     assert "groupdir (predicted route)" in open(table).read()
+    # Both workers evaluated one model (rank 0's BatchNorm statistics), the one the checkpoint holds.
+    again = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", str(shards), "test", device="cpu")
+    assert again["predicted"]["mae/all"] == pytest.approx(results["predicted"]["mae/all"], rel=1e-5)
 
 
 def test_a_crashed_worker_is_replaced_and_every_epoch_is_logged_once(shards, tmp_path, tracking):
