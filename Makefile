@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 DEMO_DIR ?= demo
 
-.PHONY: setup system-packages test demo bench-method bench-train gpu-check clean
+.PHONY: setup system-packages test demo bench-method bench-train bench-loss gpu-check clean
 
 setup: $(VENV)/.setup-stamp
 
@@ -45,14 +45,19 @@ bench-method: setup
 bench-train: setup
 	$(VENV)/bin/groupdir bench train --out bench/train
 
-# On a CUDA machine, in under 5 minutes: ResNet-50 at 224 px, bf16, channels_last, one GPU, fed by
-# FFCV vs by a batch already on the GPU. Writes gpu-check/summary.md.
+bench-loss: setup
+	$(VENV)/bin/groupdir bench loss --out bench/loss
+
+# On a CUDA machine, in under 5 minutes: the Triton kernels against the naive reference (float32 and
+# bfloat16, values and gradients) and `bench loss` on the GPU; ResNet-50 at 224 px, bf16,
+# channels_last on one GPU, fed by FFCV vs by a batch already on the GPU. Writes gpu-check/summary.md.
 gpu-check: setup
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"
+	$(VENV)/bin/groupdir bench loss --out gpu-check/loss --naive-max 1024
 	$(VENV)/bin/groupdir bench ceiling --out gpu-check/ceiling --backbone resnet50 --image-size 224 \
 	  --batch-size 256 --steps 40 --loader-workers 12 --images 3000 --source-size 256
 	{ echo "# gpu-check"; echo; date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; \
-	  echo; cat gpu-check/ceiling/ceiling.md; } > gpu-check/summary.md
+	  echo; cat gpu-check/loss/loss.md; echo; cat gpu-check/ceiling/ceiling.md; } > gpu-check/summary.md
 	cat gpu-check/summary.md
 
 clean:

@@ -286,3 +286,74 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
     write_text_atomic(out / "ceiling.md", text)
     print(text)
     return text
+
+
+def bench_loss(out: Path, batch_sizes=(128, 256, 512, 1024, 4096, 8192), dims=(128, 2048), repeats: int = 3,
+               naive_max: int = 512, num_groups: int = 20) -> str:
+    """Forward + backward of the contrastive loss per backend (naive B x B x B, torch O(B^2), and the
+    Triton kernel on CUDA) and of the bare similarity matmul (the floor), side by side: median
+    milliseconds of `repeats` timed runs after one warm-up, and peak memory on CUDA."""
+    import torch
+
+    from groupdir.losses import group_contrastive_loss
+
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    backends = ["naive", "torch"] + (["triton"] if cuda else [])
+    if cuda:
+        from groupdir.kernels.check import check_table, kernel_cases
+
+        correctness = check_table(kernel_cases("cuda"))
+        print(correctness, flush=True)
+
+    def floor(z, groups):
+        unit = torch.nn.functional.normalize(z, dim=1)
+        return (unit @ unit.T).sum()
+
+    def measure(fn, z, groups) -> tuple[float, float]:
+        times = []
+        for attempt in range(repeats + 1):
+            z.grad = None
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            fn(z, groups).backward()
+            if cuda:
+                torch.cuda.synchronize()
+            if attempt:
+                times.append(time.perf_counter() - started)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+        return 1000 * float(np.median(times)), peak
+
+    lines = [f"Contrastive loss, forward + backward, {num_groups} groups, cosine, float32, on "
+             f"{torch.cuda.get_device_name() if cuda else 'the CPU'}: median ms of {repeats} runs"
+             + (" (peak MiB)" if cuda else "") + "; naive only up to B = " + str(naive_max), "",
+             "| D | B | matmul floor | " + " | ".join(backends) + " | torch speed-up over naive"
+             + (" | triton / floor" if cuda else "") + " |",
+             "|---:|---:|---:|" + "---:|" * len(backends) + "---:|" + ("---:|" if cuda else "")]
+    for dim in dims:
+        for batch in batch_sizes:
+            generator = torch.Generator().manual_seed(batch)
+            z = torch.randn(batch, dim, generator=generator).to(device).requires_grad_()
+            groups = torch.randint(0, num_groups, (batch,), generator=generator).to(device)
+            cells, timing = [], {}
+            floor_ms, floor_peak = measure(floor, z, groups)
+            cells.append(f"{floor_ms:.1f}" + (f" ({floor_peak:.0f})" if cuda else ""))
+            for backend in backends:
+                if backend == "naive" and batch > naive_max:
+                    cells.append("-")
+                    continue
+                ms, peak = measure(lambda z, g, b=backend: group_contrastive_loss(z, g, backend=b), z, groups)
+                timing[backend] = ms
+                cells.append(f"{ms:.1f}" + (f" ({peak:.0f})" if cuda else ""))
+            cells.append(f"{timing['naive'] / timing['torch']:.0f}x" if "naive" in timing else "-")
+            if cuda:
+                cells.append(f"{timing['triton'] / floor_ms:.2f}")
+            lines.append(f"| {dim} | {batch} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    text = ((correctness + "\n") if cuda else "") + "\n".join(lines) + "\n"
+    write_text_atomic(out / "loss.md", text)
+    print(text)
+    return text

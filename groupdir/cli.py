@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--epochs", type=int, default=3, help="epoch 1 (FFCV's JIT) is left out of the rate")
     scaling.add_argument("--batch-size", type=int, default=128, help="global batch")
     scaling.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    loss = bench_kinds.add_parser("loss", help="contrastive loss forward + backward: naive, torch, triton, floor")
+    loss.add_argument("--out", default="bench/loss")
+    loss.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 4096, 8192])
+    loss.add_argument("--dims", type=int, nargs="+", default=[128, 2048])
+    loss.add_argument("--repeats", type=int, default=3)
+    loss.add_argument("--naive-max", type=int, default=512, help="largest B for the B x B x B naive loss")
     ceiling = bench_kinds.add_parser("ceiling", help="one device: FFCV-fed training step vs data already there")
     ceiling.add_argument("--out", default="bench/ceiling")
     ceiling.add_argument("--backbone", default="resnet50", choices=BACKBONES)
@@ -226,6 +232,9 @@ def cmd_bench(args) -> int:
     elif args.kind == "method":
         bench.bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
                            overrides=args.overrides, tracking_uri=tracking_uri)
+    elif args.kind == "loss":
+        bench.bench_loss(Path(args.out), batch_sizes=args.batch_sizes, dims=args.dims, repeats=args.repeats,
+                         naive_max=args.naive_max)
     elif args.kind == "train":
         bench.bench_train(Path(args.out), worker_counts=tuple(args.workers), train_size=args.train,
                           epochs=args.epochs, batch_size=args.batch_size, overrides=args.overrides,

@@ -19,7 +19,7 @@ from groupdir.errors import ConfigError
 # Choices shared with the modules that use them; kept here so that reading a config stays light.
 PRESET_CSV = {"synth": "synth_age.csv", "imdb-wiki-dir": "imdb_wiki.csv", "agedb-dir": "agedb.csv"}
 BACKBONES = ("resnet18", "resnet34", "resnet50")
-BACKENDS = ("auto", "torch", "naive")
+BACKENDS = ("auto", "triton", "torch", "naive")
 SIMILARITIES = ("cosine", "euclidean")
 SHOTS = ("all", "many", "median", "few")
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,7 +50,7 @@ class Config:
     label_max: float | None = None
     temperature: float = 2.5       # t of paper Eq. 2
     similarity: str = "cosine"     # cosine (paper) | euclidean (authors' code)
-    loss_backend: str = "auto"     # auto (= torch until the Triton kernel lands) | torch | naive
+    loss_backend: str = "auto"     # auto (triton on CUDA, else torch) | triton | torch | naive
     group_loss: str = "soft"       # soft (paper's descending soft labels) | ce (plain cross-entropy)
     beta: float = 1.0              # slope of the soft labels
     lambda_grc: float = 1.0        # weight of the contrastive term (1 in the paper; 0 turns it off)

@@ -69,3 +69,16 @@ def test_bench_ceiling_compares_the_loader_with_a_resident_batch(tmp_path):
              line.startswith("| FFCV")]
     assert len(rates) == 2 and all(rate > 0 for rate in rates)
     assert "Loader overhead:" in text and (tmp_path / "ceiling.md").read_text() == text
+
+
+def test_bench_loss_times_every_backend_beside_the_matmul_floor(tmp_path):
+    from groupdir.bench import bench_loss
+
+    text = bench_loss(tmp_path / "loss", batch_sizes=(16, 64), dims=(8,), repeats=1, naive_max=16)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| 8 |")]
+    assert [row[1] for row in rows] == ["16", "64"]
+    assert all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows)  # floor and torch timed
+    assert rows[0][3] != "-" and rows[0][5].endswith("x")  # naive timed at B = 16 ...
+    assert rows[1][3] == "-" and rows[1][5] == "-"          # ... and skipped above naive_max
+    assert (tmp_path / "loss" / "loss.md").read_text() == text  # the folder is made

@@ -13,11 +13,13 @@ O(B^3) mask of the reference code; autograd differentiates it as written.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
 from groupdir.config import BACKENDS, SIMILARITIES
-
 
 
 def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float = 2.5,
@@ -38,12 +40,25 @@ def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: f
         raise ValueError(f"temperature={temperature} must be > 0")
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()  # accumulate in float32
+    if backend == "triton" or (backend == "auto" and z.is_cuda and triton_available()):
+        # Triton's own switch: its interpreter runs the kernels on CPU tensors (for tests).
+        if not z.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before the "
+                             "import, to interpret the kernels on the CPU)")
+        from groupdir.kernels.contrastive import TritonGroupContrast
+
+        return TritonGroupContrast.apply(F.normalize(z, dim=1), groups - groups.min(), temperature,
+                                         similarity == "euclidean")
     logits = pairwise_similarity(z, similarity) / temperature
     groups = groups.long()
     distance = (groups[:, None] - groups[None, :]).abs()
     if backend == "naive":
         return _naive(logits, distance)
     return _histogram(logits, distance)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def pairwise_similarity(z: torch.Tensor, similarity: str) -> torch.Tensor:
