@@ -92,41 +92,27 @@ def _grad_tile(z_ptr, group_ptr, max_ptr, cum_ptr, rows, cols, batch, dim, strid
 
 
 @triton.jit
-def _backward_rows_kernel(z_ptr, group_ptr, max_ptr, cum_ptr, grad_ptr, batch, dim, stride, inv_t, scale,
-                          NUM_GROUPS: tl.constexpr, EUCLIDEAN: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
-    """grad[i, chunk] = sum_k G_ik z_k[chunk] for one block of anchors i and one feature chunk."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _backward_kernel(z_ptr, group_ptr, max_ptr, cum_ptr, grad_ptr, batch, dim, stride, inv_t, scale,
+                     COLUMNS: tl.constexpr, NUM_GROUPS: tl.constexpr, EUCLIDEAN: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One side of dz for a block of samples and a feature chunk: as anchors, sum_k G_ik z_k
+    (COLUMNS=False); as columns, sum_i G_ik z_i (COLUMNS=True). Two launches, no atomics."""
+    mine = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    for c0 in range(0, batch, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        grad = _grad_tile(z_ptr, group_ptr, max_ptr, cum_ptr, rows, cols, batch, dim, stride, inv_t, scale,
-                          NUM_GROUPS, EUCLIDEAN, BLOCK_D)
-        zk = tl.load(z_ptr + cols[:, None] * stride + feats[None, :],
-                     mask=(cols[:, None] < batch) & (feats[None, :] < dim), other=0.0)
-        acc += tl.dot(grad, zk, input_precision="ieee")
-    tl.store(grad_ptr + rows[:, None] * dim + feats[None, :], acc,
-             mask=(rows[:, None] < batch) & (feats[None, :] < dim))
-
-
-@triton.jit
-def _backward_cols_kernel(z_ptr, group_ptr, max_ptr, cum_ptr, grad_ptr, batch, dim, stride, inv_t, scale,
-                          NUM_GROUPS: tl.constexpr, EUCLIDEAN: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
-    """grad[k, chunk] = sum_i G_ik z_i[chunk] for one block of columns k (the transposed side)."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    for r0 in range(0, batch, BLOCK):
-        rows = r0 + tl.arange(0, BLOCK)
-        grad = _grad_tile(z_ptr, group_ptr, max_ptr, cum_ptr, rows, cols, batch, dim, stride, inv_t, scale,
-                          NUM_GROUPS, EUCLIDEAN, BLOCK_D)
-        zi = tl.load(z_ptr + rows[:, None] * stride + feats[None, :],
-                     mask=(rows[:, None] < batch) & (feats[None, :] < dim), other=0.0)
-        acc += tl.dot(tl.trans(grad), zi, input_precision="ieee")
-    tl.store(grad_ptr + cols[:, None] * dim + feats[None, :], acc,
-             mask=(cols[:, None] < batch) & (feats[None, :] < dim))
+    for o0 in range(0, batch, BLOCK):
+        others = o0 + tl.arange(0, BLOCK)
+        if COLUMNS:
+            grad = tl.trans(_grad_tile(z_ptr, group_ptr, max_ptr, cum_ptr, others, mine, batch, dim, stride,
+                                       inv_t, scale, NUM_GROUPS, EUCLIDEAN, BLOCK_D))
+        else:
+            grad = _grad_tile(z_ptr, group_ptr, max_ptr, cum_ptr, mine, others, batch, dim, stride,
+                              inv_t, scale, NUM_GROUPS, EUCLIDEAN, BLOCK_D)
+        z_others = tl.load(z_ptr + others[:, None] * stride + feats[None, :],
+                           mask=(others[:, None] < batch) & (feats[None, :] < dim), other=0.0)
+        acc += tl.dot(grad, z_others, input_precision="ieee")
+    tl.store(grad_ptr + mine[:, None] * dim + feats[None, :], acc,
+             mask=(mine[:, None] < batch) & (feats[None, :] < dim))
 
 
 class TritonGroupContrast(torch.autograd.Function):
@@ -155,13 +141,11 @@ class TritonGroupContrast(torch.autograd.Function):
         batch, dim = unit.shape
         scale = float(grad_loss) / (ctx.temperature * batch * (batch - 1))
         grid = (triton.cdiv(batch, BLOCK), triton.cdiv(dim, BLOCK_D))
-        args = (unit, groups, row_max, cumulative)
         rows_part, cols_part = torch.empty_like(unit), torch.empty_like(unit)
-        options = dict(NUM_GROUPS=ctx.num_groups, EUCLIDEAN=ctx.euclidean, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
-        _backward_rows_kernel[grid](*args, rows_part, batch, dim, unit.stride(0), 1.0 / ctx.temperature, scale,
-                                    **options)
-        _backward_cols_kernel[grid](*args, cols_part, batch, dim, unit.stride(0), 1.0 / ctx.temperature, scale,
-                                    **options)
+        for part, columns in ((rows_part, False), (cols_part, True)):
+            _backward_kernel[grid](unit, groups, row_max, cumulative, part, batch, dim, unit.stride(0),
+                                   1.0 / ctx.temperature, scale, COLUMNS=columns, NUM_GROUPS=ctx.num_groups,
+                                   EUCLIDEAN=ctx.euclidean, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
         return rows_part + cols_part, None, None, None
 
 
