@@ -72,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("--workers", type=int, default=2, help="Ray workers per run (default 2)")
 
+    tune = commands.add_parser("tune", help="Ray Tune sweep over a YAML search space; every trial an MLflow run")
+    tune.add_argument("--space", required=True, help="search space file, e.g. tune/quick.yaml")
+    tune.add_argument("--data", help="FFCV shards or DIR data root (default: the demo's synthetic shards, "
+                                     "written to demo/ first if missing)")
+    tune.add_argument("--trials", type=int, help="samples to draw (default: the space's `trials`); with a grid, "
+                                                 "runs of the whole grid")
+    tune.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs or GPUs hold)")
+    tune.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (same as workers=...)")
+    tune.add_argument("--name", help="sweep name: MLflow parent run and folder runs/sweeps/NAME (default: the "
+                                     "space file's name)")
+    tune.add_argument("--out", help="sweep folder (default runs/sweeps/NAME)")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its folder")
+    tune.add_argument("--address", help="join a Ray cluster: auto or ray://host:10001 (same as address=...)")
+    tune.add_argument("overrides", nargs="*", metavar="key=value", help="config keys fixed for every trial")
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     loader = bench_kinds.add_parser("loader", help="FFCV vs a torchvision/PIL DataLoader, images per second")
@@ -182,21 +197,11 @@ def cmd_demo(args) -> int:
     each on `--workers` Ray workers -> `groupdir eval` of both checkpoints -> MLflow."""
     import ray
 
-    from groupdir.data.shards import Encoding, is_shards_dir, prepare
-    from groupdir.data.synth import SynthSpec, write_synth
     from groupdir.metrics import format_shot_table
     from groupdir.train import evaluate_checkpoint, train
 
     out = Path(args.out)
-    data, shards = out / "data", out / "shards"
-    if (data / "synth_age.csv").is_file():
-        print(f"using the synthetic data set already in {data}", flush=True)
-    else:
-        print(f"writing a synthetic face-age data set to {data} ...", flush=True)
-        write_synth(data, SynthSpec(train=args.train, seed=0))
-    if not is_shards_dir(shards):
-        print(f"encoding it into FFCV shards in {shards} ...", flush=True)
-        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
+    shards = synthetic_shards(out, args.train)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     ray.init(num_cpus=args.workers, logging_level="WARNING")  # one local Ray for both runs
     try:
@@ -219,6 +224,56 @@ def cmd_demo(args) -> int:
     print(f"\nCompare the two runs (experiment 'demo') in the MLflow UI:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000\n"
           f"  then open http://127.0.0.1:5000")
+    return 0
+
+
+def synthetic_shards(out: Path, train_size: int = 4000) -> Path:
+    """The embedded default's data: a synthetic face-age set in out/data and its FFCV shards in
+    out/shards, each written only if missing (the demo and a sweep without --data share them)."""
+    from groupdir.data.shards import Encoding, is_shards_dir, prepare
+    from groupdir.data.synth import SynthSpec, write_synth
+
+    data, shards = out / "data", out / "shards"
+    if (data / "synth_age.csv").is_file():
+        print(f"using the synthetic data set already in {data}", flush=True)
+    else:
+        print(f"writing a synthetic face-age data set to {data} ...", flush=True)
+        write_synth(data, SynthSpec(train=train_size, seed=0))
+    if not is_shards_dir(shards):
+        print(f"encoding it into FFCV shards in {shards} ...", flush=True)
+        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
+    return shards
+
+
+def cmd_tune(args) -> int:
+    from groupdir import sweep
+    from groupdir.tracking import resolve_uri
+
+    spec = sweep.load_space(args.space, name=args.name or "", trials=args.trials, max_concurrent=args.max_concurrent)
+    extra = {"workers": args.workers_per_trial, "address": args.address}
+    overrides = list(args.overrides) + [f"{key}={value}" for key, value in extra.items() if value]
+    cfg = sweep.sweep_config(spec, overrides)  # a bad space stops here, before data or Ray
+    cfg.data = args.data or str(synthetic_shards(Path("demo")))
+    cfg.tracking_uri = resolve_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    out = Path(args.out or f"runs/sweeps/{spec.name}")
+    try:
+        summary = sweep.run_sweep(spec, cfg, out, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\nsweep interrupted; continue it with the same command plus --resume (folder {out})", file=sys.stderr)
+        return 130
+    print(f"\n{summary['trials']} trials: {summary['finished']} finished, {summary['stopped_early']} stopped early "
+          f"by ASHA, {summary['failed']} failed. Best first:\n")
+    print(sweep.format_trials(summary["rows"], spec, cfg.select_metric)["markdown"])
+    best = summary["best"]
+    if best is None:
+        print("no trial finished", file=sys.stderr)
+        return 1
+    print(f"best on validation: trial {best['trial']}  " + "  ".join(f"{k}={v}" for k, v in best["params"].items())
+          + f"\n  val {cfg.select_metric} {best['best_val']:.3f}; test MAE {best['test'].get('test/mae/all', float('nan')):.3f}, "
+          f"bMAE {best['test'].get('test/bmae/all', float('nan')):.3f}"
+          f"\n  checkpoint: {out / 'trials' / best['trial'] / 'checkpoint.pt'}"
+          f"\nAll trials: {out / 'trials.csv'}; in MLflow, parent run {summary['mlflow_parent_run_id']}:\n"
+          f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000")
     return 0
 
 
@@ -246,7 +301,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "tune": cmd_tune,
+            "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

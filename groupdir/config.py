@@ -182,6 +182,17 @@ def _parse_value(key: str, text: Any, annotation: str) -> Any:
     return str(value)
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """["key=value", ...] -> {key: "value"}; the values are converted by `load_config`."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        values[key.strip()] = text
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- YAML file <- overrides ("key=value" strings or a dict); then validate."""
     types = {f.name: str(f.type) for f in fields(Config)}
@@ -194,14 +205,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of key: value")
         values.update(loaded)
-    if isinstance(overrides, dict):
-        values.update(overrides)
-    else:
-        for item in overrides or []:
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-            values[key.strip()] = text
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
     unknown = sorted(set(values) - set(types))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(types)}")

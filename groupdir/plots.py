@@ -60,3 +60,29 @@ def predicted_vs_true(pred: np.ndarray, target: np.ndarray):
     axis.set_title("Predicted vs true (test)")
     figure.tight_layout()
     return figure
+
+
+def params_vs_metric(rows: list[dict], params: dict[str, str], metric: str):
+    """One panel per searched parameter: each trial's best validation `metric` against its value,
+    finished trials filled, trials stopped early hollow. `params` maps key -> search kind."""
+    figure, axes = plt.subplots(1, len(params), figsize=(3.6 * len(params), 3.4), squeeze=False)
+    for axis, (key, kind) in zip(axes[0], params.items()):
+        values = [row["params"][key] for row in rows]
+        categorical = not all(isinstance(value, (int, float)) for value in values)
+        positions = {value: i for i, value in enumerate(sorted(set(map(str, values))))} if categorical else {}
+        for finished in (True, False):
+            chosen = [row for row in rows if (row["status"] == "FINISHED") == finished]
+            x = [positions[str(row["params"][key])] if categorical else row["params"][key] for row in chosen]
+            axis.scatter(x, [row["best_val"] for row in chosen], s=36, edgecolors="tab:blue",
+                         facecolors="tab:blue" if finished else "none",
+                         label="finished" if finished else "stopped early")
+        if categorical:
+            axis.set_xticks(list(positions.values()), list(positions))
+        if kind == "loguniform":
+            axis.set_xscale("log")
+        axis.set_xlabel(key)
+        axis.set_ylabel(f"best val {metric}")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"Sweep: each trial's best validation {metric} (lower is better)")
+    figure.tight_layout()
+    return figure

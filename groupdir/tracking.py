@@ -52,14 +52,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         if not folder.is_dir():
             raise ConfigError(f"tracking_uri={uri}: folder {folder} does not exist")
     try:
-        _client(uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as err:  # MLflow raises many types: connection, SQL, permission
         raise ConfigError(f"MLflow tracking store {uri} cannot be used: {type(err).__name__}: {err}") from None
 
 
 def open_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict, run_id: str = "") -> str:
     """Create the run (or reopen `run_id`, when a crashed run resumes); returns its id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id
@@ -72,9 +72,30 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
     return run.info.run_id
 
 
-def finish_run(uri: str, run_id: str, status: str) -> None:
-    """status: FINISHED, FAILED, or KILLED (Ctrl-C)."""
-    _client(uri).set_terminated(run_id, status=status)
+def finish_run(uri: str, run_id: str, status: str, error: str = "") -> None:
+    """status: FINISHED, FAILED, or KILLED (Ctrl-C); a failure's message goes in the tag `error`.
+    A run already ended elsewhere keeps its status: a sweep marks the trials ASHA stops, and the
+    trial, torn down a moment later, must not overwrite that with FAILED."""
+    client = mlflow_client(uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    if error:
+        client.set_tag(run_id, "error", error[:5000])  # MLflow caps tag values
+    client.set_terminated(run_id, status=status)
+
+
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    client = mlflow_client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """The runs nested under `parent_run_id` (tag mlflow.parentRunId), oldest first."""
+    client = mlflow_client(uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return list(reversed(client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                            max_results=50000, order_by=["attributes.start_time DESC"])))
 
 
 def provenance_tags(cfg, dataset: str) -> dict:
@@ -97,7 +118,7 @@ class RunLogger:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri)  # before the monitor: it quiets MLflow's INFO lines
+        self.client = mlflow_client(uri)  # before the monitor: it quiets MLflow's INFO lines
         self.system = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=True, tracking_uri=uri)
         self.system.start()
 
@@ -141,7 +162,7 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
     # MLflow logs at INFO when it creates tables or starts and stops the system monitor: noise in

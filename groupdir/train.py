@@ -64,9 +64,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool =
     from groupdir import tracking
 
     run_dir = Path(run_dir).resolve()
-    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",  # workers run
-                              storage_path=local_absolute(cfg.storage_path),              # elsewhere
-                              tracking_uri=tracking.resolve_uri(cfg.tracking_uri))
+    cfg = resolve_paths(cfg)
     dataset = preflight(cfg)
     tracking.check_reachable(cfg.tracking_uri)
     if cfg.address and cfg.tracking_uri.startswith("sqlite:"):
@@ -86,20 +84,42 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool =
         storage = cfg.storage_path or str(run_dir / "ray")
         write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "ray_name": ray_name,
                                                  "config": cfg.to_dict()})
-        job = {"cfg": cfg, "run_id": run_id, "progress": progress,
-               "failure_marker": f"{storage}/{ray_name}/failure-injected"}
-        try:
-            final = run_trainer(cfg, use_gpu, run_dir, storage, ray_name, job)
-            if STOPPED in final:
-                raise TrainingError(final[STOPPED]["message"])
-        except BaseException as err:
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            tracking.finish_run(cfg.tracking_uri, run_id, status)
+        return train_run(cfg, use_gpu, run_dir, storage, ray_name, run_id, progress)
+
+
+def train_run(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, run_id: str,
+              progress: bool, callbacks: tuple = (), mark_failures: bool = True) -> dict:
+    """One training run to its end, in a connected Ray session: the TorchTrainer, then the run folder
+    and the MLflow run's status. Shared by `train` and every sweep trial; returns the test results.
+    A sweep trial passes mark_failures=False: only the sweep's driver can tell a failure from a
+    trial that Tune tears down (stopped early, or the sweep interrupted)."""
+    from groupdir import tracking
+
+    job = {"cfg": cfg, "run_id": run_id, "progress": progress,
+           "failure_marker": f"{storage}/{ray_name}/failure-injected"}
+    try:
+        final = run_trainer(cfg, use_gpu, run_dir, storage, ray_name, job, callbacks)
+        if STOPPED in final:
+            raise TrainingError(final[STOPPED]["message"])
+    except BaseException as err:
+        if not mark_failures:
             raise
+        interrupted = isinstance(err, KeyboardInterrupt)
+        tracking.finish_run(cfg.tracking_uri, run_id, "KILLED" if interrupted else "FAILED",
+                            error="" if interrupted else f"{type(err).__name__}: {err}")
+        raise
     write_json_atomic(run_dir / HISTORY, final["history"])
     tracking.finish_run(cfg.tracking_uri, run_id, "FINISHED")
     write_json_atomic(run_dir / RESULTS, final["results"])  # last: its presence means "finished"
     return final["results"]
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Paths made absolute, since Ray workers run in other folders (or on other nodes)."""
+    from groupdir.tracking import resolve_uri
+
+    return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",
+                               storage_path=local_absolute(cfg.storage_path), tracking_uri=resolve_uri(cfg.tracking_uri))
 
 
 def preflight(cfg: Config) -> str:
@@ -163,9 +183,11 @@ def ray_session(address: str = "", num_cpus: int | None = None):
         ray.shutdown()
 
 
-def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, job: dict) -> dict:
+def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, job: dict,
+                callbacks: tuple = ()) -> dict:
     """One Ray Train run; copies the best model to the run folder and returns the results and
-    history of the final checkpoint (or its STOPPED record)."""
+    history of the final checkpoint (or its STOPPED record). `callbacks`: Ray Train callbacks (a
+    sweep trial passes Tune's, which forwards every report to the Tune scheduler)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -176,7 +198,7 @@ def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_nam
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.placement),
         run_config=ray.train.RunConfig(
-            name=ray_name, storage_path=storage,
+            name=ray_name, storage_path=storage, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")))
@@ -227,7 +249,7 @@ def worker_error(err) -> str:
     """The first worker's own exception message from Ray's wrapper."""
     failures = getattr(err, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
-        return f"worker {rank}: {type(failure).__name__}: {failure}"
+        return f"worker {rank}: {type(failure).__name__}: {str(failure).strip().splitlines()[0]}"
     return str(err)
 
 
@@ -456,7 +478,10 @@ def report(state: dict, rank: int, net: DIRNet | None = None, optimizer=None, cf
     and at the end the test results. A STOPPED state attaches only the reason."""
     import ray.train
 
-    metrics = {"epoch": state["epoch"], "step": state["step"]}
+    # The latest epoch's validation metrics ride along: a sweep's scheduler ranks trials by them.
+    latest = state["history"][-1] if state["history"] and STOPPED not in state else {}
+    metrics = {"epoch": state["epoch"], "step": state["step"],
+               **{key: value for key, value in latest.items() if key.startswith("val/")}}
     if rank != 0:
         ray.train.report(metrics)
         return

@@ -1,0 +1,220 @@
+"""Sweeps on a real local Ray and MLflow: nesting, the best trial, a failing trial, ASHA, an
+interrupted sweep resumed, and bad search spaces refused before Ray starts."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow import MlflowClient
+
+from groupdir import sweep
+from groupdir.cli import main
+from groupdir.data.shards import Encoding, prepare
+from groupdir.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"epochs": 3, "image_size": 16, "batch_size": 64, "num_groups": 5}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep-shards") / "synth"
+    prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def space_file(folder: Path, space: dict, fixed: dict = TINY, **top) -> str:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump({**top, "fixed": fixed, "space": space}))
+    return str(path)
+
+
+def sweep_runs(tracking):
+    """(parent, children) of the one sweep in the store."""
+    client = MlflowClient(tracking)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1, [run.info.run_name for run in parents]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    return client, parents[0], children
+
+
+def val_history(client, run, metric="val/bmae/all"):
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
+
+
+# ------------------- refused before Ray starts (first: no test has started Ray yet) -------------------
+
+@pytest.mark.parametrize("space, message", [
+    ({"num_grups": {"choice": [5, 10]}}, "unknown config key 'num_grups'"),
+    ({"num_groups": {"choice": []}}, "choice needs a non-empty list"),
+    ({"temperature": {"uniform": [5.0, 1.0]}}, "low=5.0 must be below high=1.0"),
+    ({"temperature": {"loguniform": [0.0, 1.0]}}, "loguniform needs low > 0"),
+    ({"temperature": {"normal": [1, 2]}}, "unknown kind 'normal'"),
+    ({"num_groups": {"uniform": [2, 10]}}, "uniform is for real-valued keys"),
+    ({"num_groups": {"choice": [1, 5]}}, "the value 1 is refused: method=groupdir needs num_groups >= 2"),
+    ({"workers": {"choice": [1, 2]}}, "workers is the same for every trial"),
+    ({"epochs": {"choice": [2, 3]}}, "epochs is both searched and fixed"),
+])
+def test_bad_spaces_are_refused_naming_file_and_key(tmp_path, space, message):
+    path = space_file(tmp_path, space, fixed={"epochs": 2})
+    with pytest.raises(ConfigError) as refused:
+        sweep.sweep_config(sweep.load_space(path), [])
+    assert message in str(refused.value) and "space.yaml" in str(refused.value)
+
+
+def test_a_bad_space_stops_the_command_before_ray_and_mlflow(shards, tmp_path, capsys):
+    assert not ray.is_initialized()
+    space = space_file(tmp_path, {"num_groups": {"choice": [5, 5000]}}, fixed={"epochs": 2})  # > labels
+    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 2
+    error = capsys.readouterr().err
+    assert "space.num_groups: the value 5000 is refused" in error
+    assert not ray.is_initialized() and not (tmp_path / "sweep").exists() and not (tmp_path / "mlflow.db").exists()
+
+    space = space_file(tmp_path, {"temperature": {"uniform": [1.0, 2.0]}}, fixed={"epochs": 2})
+    assert main(["tune", "--space", space, "--data", str(shards), "temperature=2"]) == 2
+    assert "temperature is both searched and fixed (on the command line)" in capsys.readouterr().err
+    assert main(["tune", "--space", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read search space" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quick", "groups", "paper", "full"])
+def test_shipped_spaces_are_valid(name):
+    spec = sweep.load_space(REPO / "tune" / f"{name}.yaml")
+    cfg = sweep.sweep_config(spec, [])
+    assert spec.total_trials >= (8 if name != "paper" else 32)
+    if name == "groups":
+        assert spec.params[0].values == [2, 5, 10, 15, 20, 25, 40, 50] and spec.grace_period == 0
+    if name == "quick":
+        assert cfg.epochs <= 4 and cfg.image_size <= 32 and cfg.backbone == "resnet18"
+
+
+# ------------------------------------- sweeps on Ray -------------------------------------
+
+def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, local_ray, capsys):
+    space = space_file(tmp_path, {"num_groups": {"choice": [2, 5]}, "temperature": {"loguniform": [0.1, 5.0]}},
+                       fixed={k: v for k, v in TINY.items() if k != "num_groups"}, trials=4)
+    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 0
+    assert "best on validation" in capsys.readouterr().out
+
+    client, parent, children = sweep_runs(tracking)
+    assert len(children) == 4 and parent.info.status == "FINISHED"
+    assert len({child.data.params["temperature"] for child in children}) == 4, "Optuna drew the same point twice"
+    for child in children:
+        assert child.data.params["num_groups"] in ("2", "5") and 0.1 <= float(child.data.params["temperature"]) <= 5
+        assert child.data.metrics["best_val/bmae/all"] == min(val_history(client, child))
+        if child.info.status == "FINISHED":
+            assert {"test/mae/all", "test/bmae/all"} <= set(child.data.metrics)
+            assert len(val_history(client, child)) == TINY["epochs"]
+        else:  # stopped by ASHA: said so, never tested
+            assert child.info.status == "KILLED" and child.data.tags["stopped_early"].startswith("ASHA")
+            assert "test/mae/all" not in child.data.metrics
+
+    finished = [child for child in children if child.info.status == "FINISHED"]
+    best = min(finished, key=lambda child: min(val_history(client, child)))
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.params["best/temperature"] == best.data.params["temperature"]
+    assert parent.data.metrics["best/val/bmae/all"] == min(val_history(client, best))
+    assert parent.data.metrics["best/test/mae/all"] == best.data.metrics["test/mae/all"]
+    assert {"trials.csv", "trials.md", "plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/params_vs_metric.png"]
+    rows = list(csv.DictReader((tmp_path / "sweep" / "trials.csv").open()))
+    assert sorted(row["mlflow_run_id"] for row in rows) == sorted(child.info.run_id for child in children)
+    assert rows[0]["mlflow_run_id"] == best.info.run_id  # best first
+    assert (tmp_path / "sweep" / "trials" / best.data.tags["trial_id"] / "checkpoint.pt").is_file()
+
+    # A finished sweep's folder is not reused by mistake.
+    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_a_failing_trial_is_failed_and_the_others_finish(shards, tmp_path, tracking, local_ray):
+    # fail_at_step kills a worker; with max_failures=0 Ray Train gives the trial up.
+    space = space_file(tmp_path, {"fail_at_step": {"grid": [-1, 3]}}, fixed={**TINY, "epochs": 2, "max_failures": 0},
+                       asha=False)
+    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 0
+
+    client, parent, children = sweep_runs(tracking)
+    status = {child.data.params["fail_at_step"]: child for child in children}
+    assert status["3"].info.status == "FAILED" and "training failed" in status["3"].data.tags["error"]
+    assert status["-1"].info.status == "FINISHED" and "test/mae/all" in status["-1"].data.metrics
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_run_id"] == status["-1"].info.run_id
+    assert parent.data.metrics["trials/failed"] == 1 and parent.data.metrics["trials/finished"] == 1
+
+
+def test_asha_stops_a_trial_that_falls_behind(shards, tmp_path, tracking, local_ray):
+    # One trial at a time, in grid order: a sane lr, then lr=10, whose first epoch leaves the network's
+    # outputs far off every label. At the first rung (epoch 1) it is worse than the only other
+    # result, so ASHA must stop it; the sane trial is first at its rungs and goes on.
+    space = space_file(tmp_path, {"lr": {"grid": [0.002, 10.0]}}, fixed={**TINY, "epochs": 6},
+                       asha={"grace_period": 1, "reduction_factor": 2})
+    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep"),
+                 "--max-concurrent", "1"]) == 0
+
+    client, parent, children = sweep_runs(tracking)
+    by_lr = {float(child.data.params["lr"]): child for child in children}
+    stopped, kept = by_lr[10.0], by_lr[0.002]
+    assert stopped.info.status == "KILLED" and stopped.data.tags["stopped_early"] == "ASHA after epoch 1"
+    assert len(val_history(client, stopped)) < 6 and "test/mae/all" not in stopped.data.metrics
+    assert kept.info.status == "FINISHED" and len(val_history(client, kept)) == 6
+    assert parent.data.metrics["trials/stopped_early"] == 1
+
+
+def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, tracking, local_ray):
+    space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 4},
+                       trials=3, asha=False)
+    command = ["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep"), "--max-concurrent", "1"]
+    process = subprocess.Popen([sys.executable, "-m", "groupdir.cli", *command], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    seen = []
+    for line in process.stdout:  # Ctrl-C once the first trial has finished and the second has trained a bit
+        seen.append(line)
+        if sum(" started:" in s for s in seen) == 2 and any(" finished:" in s for s in seen):
+            break
+    time.sleep(8)
+    process.send_signal(signal.SIGINT)
+    output = "".join(seen) + process.communicate(timeout=180)[0]
+    assert process.returncode == 130, output
+    assert "--resume" in output
+
+    client, parent, children = sweep_runs(tracking)
+    assert parent.info.status == "KILLED"
+    assert sorted(child.info.status for child in children) == ["FINISHED", "KILLED"], output
+    first = next(child for child in children if child.info.status == "FINISHED")
+    interrupted = next(child for child in children if child.info.status == "KILLED")
+    assert interrupted.data.tags["interrupted"] == "true"
+
+    assert main([*command, "--resume"]) == 0
+    client, resumed_parent, children = sweep_runs(tracking)
+    assert resumed_parent.info.run_id == parent.info.run_id and resumed_parent.info.status == "FINISHED"
+    assert len(children) == 3 and {child.info.status for child in children} == {"FINISHED"}
+    assert len({child.data.tags["trial_id"] for child in children}) == 3
+    ids = {child.info.run_id: child for child in children}
+    assert first.info.run_id in ids and interrupted.info.run_id in ids  # the same runs, not new ones
+    assert ids[first.info.run_id].info.end_time == first.info.end_time, "a finished trial ran again"
+    for child in children:  # every epoch logged exactly once, the interrupted trial's too
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
+        assert sorted(steps) == [1, 2, 3, 4], (child.data.tags["trial_id"], steps)
