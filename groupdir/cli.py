@@ -169,10 +169,14 @@ def cmd_train(args) -> int:
 def load_training_config(path, overrides, data=None, address=None):
     """The config from file and key=value, with --data/--address and the one environment variable
     the CLI honours, MLFLOW_TRACKING_URI (read here, so nothing downstream reads the environment)."""
+    extra = {"data": data, "address": address}
+    return with_tracking_uri(load_config(path, list(overrides) + [f"{k}={v}" for k, v in extra.items() if v]))
+
+
+def with_tracking_uri(cfg):
+    """tracking_uri, else $MLFLOW_TRACKING_URI, else the default, resolved."""
     from groupdir.tracking import resolve_uri
 
-    extra = {"data": data, "address": address}
-    cfg = load_config(path, list(overrides) + [f"{k}={v}" for k, v in extra.items() if v])
     cfg.tracking_uri = resolve_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     return cfg
 
@@ -247,14 +251,12 @@ def synthetic_shards(out: Path, train_size: int = 4000) -> Path:
 
 def cmd_tune(args) -> int:
     from groupdir import sweep
-    from groupdir.tracking import resolve_uri
 
     spec = sweep.load_space(args.space, name=args.name or "", trials=args.trials, max_concurrent=args.max_concurrent)
-    extra = {"workers": args.workers_per_trial, "address": args.address}
+    extra = {"data": args.data, "workers": args.workers_per_trial, "address": args.address}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in extra.items() if value]
-    cfg = sweep.sweep_config(spec, overrides)  # a bad space stops here, before data or Ray
-    cfg.data = args.data or str(synthetic_shards(Path("demo")))
-    cfg.tracking_uri = resolve_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    cfg = with_tracking_uri(sweep.sweep_config(spec, overrides))  # a bad space stops here, before data or Ray
+    cfg.data = cfg.data or str(synthetic_shards(Path("demo")))  # the embedded default
     out = Path(args.out or f"runs/sweeps/{spec.name}")
     try:
         summary = sweep.run_sweep(spec, cfg, out, resume=args.resume)

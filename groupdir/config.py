@@ -153,6 +153,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def parse_value(key: str, text: Any) -> Any:
+    """One config value from text (an MLflow param, a key=value), typed as the key's field."""
+    return _parse_value(key, text, {f.name: str(f.type) for f in fields(Config)}[key])
+
+
 def _parse_value(key: str, text: Any, annotation: str) -> Any:
     """Convert one override to the field's type; YAML gives us bools, numbers and null for free."""
     if annotation == "str":

@@ -24,7 +24,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,10 @@ from typing import Any
 
 import yaml
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 
 from groupdir.atomic import write_json_atomic
-from groupdir.config import Config, load_config, parse_overrides
+from groupdir.config import Config, load_config, parse_overrides, parse_value
 from groupdir.errors import ConfigError, GroupingError
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "int")
@@ -56,10 +56,12 @@ class Param:
     def domain(self):
         from ray import tune
 
-        low, high = (self.values + [None, None])[:2]
-        return {"choice": lambda: tune.choice(self.values), "grid": lambda: tune.grid_search(self.values),
-                "uniform": lambda: tune.uniform(low, high), "loguniform": lambda: tune.loguniform(low, high),
-                "int": lambda: tune.randint(low, high + 1)}[self.kind]()
+        if self.kind in ("choice", "grid"):
+            return tune.choice(self.values) if self.kind == "choice" else tune.grid_search(self.values)
+        low, high = self.values
+        if self.kind == "int":
+            return tune.randint(low, high + 1)  # Tune's upper bound is exclusive
+        return tune.uniform(low, high) if self.kind == "uniform" else tune.loguniform(low, high)
 
     def describe(self) -> str:
         return f"{self.kind}({', '.join(map(str, self.values))})"
@@ -193,17 +195,19 @@ def candidates(spec: SweepSpec, base: Config):
             try:
                 yield param, value, load_config(overrides={**base.to_dict(), param.key: value})
             except ConfigError as err:
-                raise ConfigError(f"{spec.space_file}: space.{param.key}: the value {value!r} is refused: {err}") from None
+                raise refused(spec, param, value, err) from None
+
+
+def refused(spec: SweepSpec, param: Param, value, err: Exception) -> ConfigError:
+    return ConfigError(f"{spec.space_file}: space.{param.key}: the value {value!r} is refused: {err}")
 
 
 # ======================================== driver =========================================
 
 def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool = False) -> dict:
     """Run (or resume) the sweep; returns the summary, also written to the sweep folder."""
-    import ray.tune
-
     from groupdir import tracking
-    from groupdir.train import fit_resources, preflight, ray_session, resolve_paths
+    from groupdir.train import preflight, ray_session, resolve_paths
 
     sweep_dir = Path(sweep_dir).resolve()
     cfg = resolve_paths(cfg)
@@ -212,11 +216,12 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
         try:
             preflight(candidate)
         except (ConfigError, GroupingError) as err:
-            raise ConfigError(f"{spec.space_file}: space.{param.key}: the value {value!r} is refused: {err}") from None
+            raise refused(spec, param, value, err) from None
     tracking.check_reachable(cfg.tracking_uri)
+    previous = claim_sweep_dir(sweep_dir, spec, cfg, resume)
+    given = cfg.to_dict()
     with ray_session(cfg.address):
         cfg, use_gpu, concurrent = fit_sweep_resources(cfg, spec)
-        previous = claim_sweep_dir(sweep_dir, spec, cfg, resume)
         searched = {p.key for p in spec.params}
         parent_id = tracking.open_run(
             cfg.tracking_uri, cfg.experiment, spec.name,
@@ -227,8 +232,11 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
              "sweep/max_concurrent": concurrent},
             {**tracking.provenance_tags(cfg, dataset), "kind": "sweep"},
             previous["mlflow_run_id"] if previous else "")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(sweep_dir / RECORD, {"mlflow_run_id": parent_id, "spec": spec.to_dict(),
-                                               "config": cfg.to_dict()})
+                                               "config": given})
+        if previous:
+            mark_running_trials_interrupted(cfg.tracking_uri, parent_id)
         metric = f"val/{cfg.select_metric}"
         print(f"sweep {spec.name}: {spec.total_trials} trials, up to {concurrent} at a time, "
               f"{cfg.workers} worker(s) x {cfg.cpus_per_worker:g} CPU{' + GPU' if use_gpu else ''} each; "
@@ -239,11 +247,11 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
         job = {"cfg": cfg, "use_gpu": use_gpu, "sweep_dir": str(sweep_dir), "parent_run_id": parent_id,
                "sweep": spec.name, "dataset": dataset}
         try:
-            make_tuner(spec, cfg, job, concurrent, resume=previous is not None).fit()
-            rows = trial_rows(cfg.tracking_uri, parent_id, cfg.select_metric, spec)
-            ended = sum(row["status"] in ("FINISHED", "STOPPED_EARLY", "FAILED") for row in rows)
+            results = make_tuner(spec, cfg, job, concurrent, resume=previous is not None).fit()
+            ended = results.num_terminated + results.num_errors
             if ended < spec.total_trials:  # Ctrl-C: Tune saved its state and returned early
                 raise KeyboardInterrupt(f"{ended} of {spec.total_trials} trials ended")
+            rows = trial_rows(cfg.tracking_uri, parent_id, cfg.select_metric, spec)
             return summarize(cfg.tracking_uri, parent_id, cfg.select_metric, spec, rows, sweep_dir)
         except BaseException as err:
             mark_unfinished(cfg.tracking_uri, parent_id, interrupted=isinstance(err, KeyboardInterrupt))
@@ -251,29 +259,43 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
 
 
 def make_tuner(spec: SweepSpec, cfg: Config, job: dict, concurrent: int, resume: bool):
-    """A new Tuner, or on resume the saved one (its searcher, scheduler and finished trials)."""
+    """A new Tuner, or on resume the saved one (its searcher and the trials' states)."""
     import ray.tune
+
+    from groupdir import tracking
 
     # The trial function only waits on its TorchTrainer: it reserves memory, not the CPUs that the
     # trial's workers need (Tune refuses an empty request).
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, job=job),
                                         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
-    # A trial stopped by a NaN loss ends without validation metrics: Tune must not take that for a
-    # misnamed metric (the trial fails, with its reason in MLflow).
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     tune_path = Path(job["sweep_dir"]) / "tune"
-    if resume and ray.tune.Tuner.can_restore(str(tune_path)):
-        print("resuming: trials that ended are kept, the others go on from their last epoch", flush=True)
-        return ray.tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=False,
-                                      restart_errored=False)
+    if resume:
+        if ray.tune.Tuner.can_restore(str(tune_path)):
+            print("resuming: trials that ended are kept, the others go on from their last epoch", flush=True)
+            return ray.tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True,
+                                          resume_errored=False, restart_errored=False)
+        if tracking.child_runs(cfg.tracking_uri, job["parent_run_id"]):
+            raise ConfigError(f"--resume: Ray Tune saved no state in {tune_path} before the sweep stopped, so its "
+                              f"trials cannot be matched to their MLflow runs; start the sweep again under another --name")
     metric = f"val/{cfg.select_metric}"
     return ray.tune.Tuner(
         trainable, param_space={p.key: p.domain() for p in spec.params},
         tune_config=tune_config(spec, cfg, metric, concurrent),
         run_config=ray.tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent), verbose=0,
                                       failure_config=ray.tune.FailureConfig(max_failures=0),  # Train retries
-                                      callbacks=[TrialProgress(cfg.tracking_uri, job["parent_run_id"], metric,
-                                                               cfg.epochs)]))
+                                      callbacks=[TrialProgress(cfg.tracking_uri, cfg.experiment, job["parent_run_id"],
+                                                               metric)]))
+
+
+class ASHABeforeLastEpoch(ASHAScheduler):
+    """ASHA that never judges a trial's last epoch: that report also carries the test evaluation,
+    which a stop would throw away. (It also covers `epochs` searched, and a resumed sweep, whose
+    scheduler starts with empty rungs.)"""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("epoch", 0) >= result.get("epochs", math.inf):
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def tune_config(spec: SweepSpec, cfg: Config, metric: str, concurrent: int):
@@ -281,7 +303,7 @@ def tune_config(spec: SweepSpec, cfg: Config, metric: str, concurrent: int):
     (Optuna has no grid); ASHA over epochs."""
     import optuna
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
@@ -290,46 +312,46 @@ def tune_config(spec: SweepSpec, cfg: Config, metric: str, concurrent: int):
         searcher, limit = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrent), None
     else:
         searcher, limit = OptunaSearch(seed=spec.seed), concurrent
-    max_epochs = max([cfg.epochs] + [v for p in spec.params if p.key == "epochs" for v in p.values])
-    # Rungs sit strictly before the last epoch (max_t = epochs - 1, and no stop at max_t): a trial
-    # that reached its last epoch always gets its test evaluation.
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max(max_epochs - 1, 1), grace_period=spec.grace_period,
-                               reduction_factor=spec.reduction_factor, stop_last_trials=False)
-                 if spec.grace_period and spec.grace_period < max_epochs else FIFOScheduler())
+    epochs = max([cfg.epochs] + [v for p in spec.params if p.key == "epochs" for v in p.values])
+    scheduler = (ASHABeforeLastEpoch(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period,
+                                     reduction_factor=spec.reduction_factor, stop_last_trials=False)
+                 if spec.grace_period and spec.grace_period < epochs else FIFOScheduler())
+    # A trial stopped by a NaN loss reports its metric as NaN: never better than a cutoff, never best.
     return ray.tune.TuneConfig(metric=metric, mode="min", search_alg=searcher, scheduler=scheduler,
                                num_samples=spec.trials, max_concurrent_trials=limit)
 
 
 def fit_sweep_resources(cfg: Config, spec: SweepSpec) -> tuple[Config, bool, int]:
-    """How many trials run at once (max_concurrent, else as many as the GPUs, or the CPUs at one per
-    worker, hold) and the CPUs each worker gets (cpus_per_worker, else the CPUs shared out among the
-    concurrent trials' workers): the machine is used whole and never oversubscribed."""
+    """How many trials run at once (max_concurrent, else as many as the cluster's CPUs, at
+    cpus_per_worker or 1 per worker, and GPUs hold) and the CPUs each worker gets (cpus_per_worker,
+    else the CPUs shared out among the concurrent trials' workers): the machine is used whole and
+    never oversubscribed."""
     import ray
 
     from groupdir.train import fit_resources
 
+    # One trial at its smallest, checked first: it refuses what cannot fit at all.
+    _, use_gpu = fit_resources(dataclasses.replace(cfg, cpus_per_worker=cfg.cpus_per_worker or 1.0))
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    use_gpu = gpus > 0 if cfg.device == "auto" else cfg.device == "cuda"
-    concurrent = spec.max_concurrent
-    if not concurrent:
-        holds = gpus // (cfg.workers * cfg.gpus_per_worker) if use_gpu else cpus // (cfg.workers * (cfg.cpus_per_worker or 1))
-        concurrent = int(max(1, min(holds, spec.total_trials)))
+    holds = cpus // (cfg.workers * (cfg.cpus_per_worker or 1))
+    if use_gpu:
+        holds = min(holds, gpus // (cfg.workers * cfg.gpus_per_worker))
+    concurrent = spec.max_concurrent or int(max(1, min(holds, spec.total_trials)))
     if not cfg.cpus_per_worker:
         share = 1 if cfg.address else max(1, int(cpus // (concurrent * cfg.workers)))
         cfg = dataclasses.replace(cfg, cpus_per_worker=float(share))
-    cfg, use_gpu = fit_resources(cfg)  # refuses a trial that cannot fit at all
     return cfg, use_gpu, concurrent
 
 
 def claim_sweep_dir(sweep_dir: Path, spec: SweepSpec, cfg: Config, resume: bool) -> dict | None:
-    """A new sweep needs a new folder; --resume needs the same space and config as before."""
+    """A new sweep needs a new folder; --resume needs the same space and config as before (the
+    config as given: CPUs per worker are worked out anew on the cluster it resumes on)."""
     record_file = sweep_dir / RECORD
     if not resume:
         if record_file.exists():
             raise FileExistsError(f"{sweep_dir} already holds a sweep; pass --resume to continue it, "
                                   f"or pick another --name")
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         return None
     if not record_file.exists():
         raise FileNotFoundError(f"--resume: no sweep in {sweep_dir} ({RECORD} is missing)")
@@ -345,72 +367,90 @@ def claim_sweep_dir(sweep_dir: Path, spec: SweepSpec, cfg: Config, resume: bool)
 
 
 def mark_unfinished(uri: str, parent_id: str, interrupted: bool) -> None:
-    """A sweep that stopped before its end: its running trials and the parent are KILLED when
-    interrupted (--resume reopens them), FAILED otherwise."""
+    """A sweep that stopped before its end: the parent is KILLED when interrupted (--resume reopens
+    it), FAILED otherwise."""
+    from groupdir import tracking
+
+    mark_running_trials_interrupted(uri, parent_id)
+    tracking.finish_run(uri, parent_id, "KILLED" if interrupted else "FAILED")
+
+
+def mark_running_trials_interrupted(uri: str, parent_id: str) -> None:
+    """Trials whose driver is gone: KILLED, tagged `interrupted` (a resumed trial reopens its run).
+    Also run on --resume, for the trials of a driver that was killed outright."""
     from groupdir import tracking
 
     for run in tracking.child_runs(uri, parent_id):
         if run.info.status == "RUNNING":
             tracking.set_tags(uri, run.info.run_id, {"interrupted": "true"})
             tracking.finish_run(uri, run.info.run_id, "KILLED")
-    tracking.finish_run(uri, parent_id, "KILLED" if interrupted else "FAILED")
 
 
 # ====================================== one trial ========================================
 
 def run_trial(params: dict, job: dict) -> None:
     """One trial, in its Tune actor: the sampled params over the sweep's config, trained by a
-    TorchTrainer whose reports Tune's callback forwards to the scheduler."""
+    TorchTrainer whose reports Tune's callback forwards to the scheduler. A resumed trial reopens
+    its MLflow run, and its TorchTrainer (same name, same storage) goes on from its last checkpoint."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from groupdir import tracking
-    from groupdir.train import HISTORY, RESULTS, train_run
+    from groupdir.train import train_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {key: value.item() if hasattr(value, "item") else value for key, value in params.items()}  # numpy
     cfg = load_config(overrides={**job["cfg"].to_dict(), **params})
     run_dir = Path(job["sweep_dir"]) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    uri, parent_id = cfg.tracking_uri, job["parent_run_id"]
-    existing = [run for run in tracking.child_runs(uri, parent_id) if run.data.tags.get("trial_id") == trial_id]
-    if existing and existing[0].info.status == "FINISHED" and (run_dir / RESULTS).exists():
-        # Finished before an interruption that Tune's saved state did not see: report, don't retrain.
-        history = json.loads((run_dir / HISTORY).read_text())
-        key = f"val/{cfg.select_metric}"
-        ray.tune.report({"epoch": history[-1]["epoch"], key: min(record[key] for record in history)})
-        return
+    existing = trial_run(cfg.tracking_uri, job["parent_run_id"], trial_id)
     if existing:
-        tracking.set_tags(uri, existing[0].info.run_id, {"interrupted": "false"})
-    run_id = tracking.open_run(uri, cfg.experiment, trial_id, cfg.to_dict(),
-                               {**tracking.provenance_tags(cfg, job["dataset"]), "mlflow.parentRunId": parent_id,
-                                "sweep": job["sweep"], "trial_id": trial_id, "kind": "trial"},
-                               existing[0].info.run_id if existing else "")
+        tracking.set_tags(cfg.tracking_uri, existing.info.run_id, {"interrupted": "false"})
+    run_id = tracking.open_run(cfg.tracking_uri, cfg.experiment, trial_id, cfg.to_dict(),
+                               trial_tags(cfg, job, trial_id), existing.info.run_id if existing else "")
     train_run(cfg, job["use_gpu"], run_dir, str(Path(job["sweep_dir"]) / "ray"), f"train-trial_id={trial_id}",
               run_id, progress=False, callbacks=(TuneReportCallback(),), mark_failures=False)
 
 
-class TrialProgress(Callback):
-    """Driver side: one line per trial event, and the MLflow status of trials the trial itself could
-    not finish (stopped early by ASHA, or whose actor died)."""
+def trial_tags(cfg: Config, job: dict, trial_id: str) -> dict:
+    from groupdir import tracking
 
-    def __init__(self, uri: str, parent_id: str, metric: str, epochs: int):
-        self.uri, self.parent_id, self.metric, self.epochs = uri, parent_id, metric, epochs
+    return {**tracking.provenance_tags(cfg, job["dataset"]), "mlflow.parentRunId": job["parent_run_id"],
+            "sweep": job["sweep"], "trial_id": trial_id, "kind": "trial"}
+
+
+def trial_run(uri: str, parent_id: str, trial_id: str):
+    """The MLflow run of a trial (tag trial_id under the parent), or None before it started."""
+    from groupdir import tracking
+
+    found = [run for run in tracking.child_runs(uri, parent_id) if run.data.tags.get("trial_id") == trial_id]
+    return found[0] if found else None
+
+
+class TrialProgress(Callback):
+    """Driver side: one line per trial event, and the MLflow status of trials that cannot say it
+    themselves: stopped early by ASHA (the trial is torn down), or failed (only Tune can tell a
+    failure from a teardown)."""
+
+    def __init__(self, uri: str, experiment: str, parent_id: str, metric: str):
+        self.uri, self.experiment, self.parent_id, self.metric = uri, experiment, parent_id, metric
 
     def on_trial_start(self, iteration, trials, trial, **info):
         settings = "  ".join(f"{key}={_short(value)}" for key, value in trial.config.items())
         print(f"  {trial.trial_id} started: {settings}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        run = self._run(trial.trial_id)
-        epoch, value = result.get("epoch", 0), result.get(self.metric, math.nan)
-        if run is not None and run.info.status == "RUNNING":  # ASHA stopped it: the trial cannot say so
-            from groupdir import tracking
+        from groupdir import tracking
 
-            tracking.set_tags(self.uri, run.info.run_id, {"stopped_early": f"ASHA after epoch {epoch}"})
+        result = trial.last_result or {}
+        epoch, epochs, value = result.get("epoch", 0), result.get("epochs", "?"), result.get(self.metric, math.nan)
+        run = trial_run(self.uri, self.parent_id, trial.trial_id)
+        if run is not None and run.info.status == "RUNNING":  # ASHA stopped it; it is being torn down
+            # stopped_epoch: epochs its workers log in the moment before they stop are not its result
+            tracking.set_tags(self.uri, run.info.run_id, {"stopped_early": f"ASHA after epoch {epoch}",
+                                                          "stopped_epoch": epoch})
             tracking.finish_run(self.uri, run.info.run_id, "KILLED")
-            print(f"  {trial.trial_id} stopped early by ASHA after epoch {epoch}/{self.epochs}: "
+            print(f"  {trial.trial_id} stopped early by ASHA after epoch {epoch}/{epochs}: "
                   f"{self.metric} {value:.3f}", flush=True)
         else:
             print(f"  {trial.trial_id} finished: {self.metric} {value:.3f} at epoch {epoch}", flush=True)
@@ -423,16 +463,14 @@ class TrialProgress(Callback):
         trace = error_file.read_text() if error_file and error_file.exists() else ""
         raised = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception): .*)$", trace, flags=re.MULTILINE)
         reason = raised[-1] if raised else f"the trial's process died (see {error_file or 'its log'})"
-        run = self._run(trial.trial_id)
-        if run is not None:
-            tracking.finish_run(self.uri, run.info.run_id, "FAILED", error=reason)
+        run = trial_run(self.uri, self.parent_id, trial.trial_id)
+        if run is None:  # it died before it could open its run: record it all the same
+            run_id = tracking.open_run(self.uri, self.experiment, trial.trial_id, trial.config,
+                                       {"mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id, "kind": "trial"})
+        else:
+            run_id = run.info.run_id
+        tracking.finish_run(self.uri, run_id, "FAILED", error=reason)
         print(f"  {trial.trial_id} FAILED: {reason[:300]}", flush=True)
-
-    def _run(self, trial_id: str):
-        from groupdir import tracking
-
-        found = [run for run in tracking.child_runs(self.uri, self.parent_id) if run.data.tags.get("trial_id") == trial_id]
-        return found[0] if found else None
 
 
 def _short(value) -> str:
@@ -449,12 +487,14 @@ def trial_rows(uri: str, parent_id: str, select_metric: str, spec: SweepSpec) ->
     rows = []
     for run in tracking.child_runs(uri, parent_id):
         history = client.get_metric_history(run.info.run_id, f"val/{select_metric}")
+        if "stopped_epoch" in run.data.tags:
+            history = [m for m in history if m.step <= int(run.data.tags["stopped_epoch"])]
         status = run.info.status
         if status == "KILLED":
             status = "STOPPED_EARLY" if "stopped_early" in run.data.tags else "INTERRUPTED"
         values = [m.value for m in history if math.isfinite(m.value)]
         rows.append({"trial": run.data.tags.get("trial_id", ""), "run_id": run.info.run_id, "status": status,
-                     "params": {p.key: yaml.safe_load(run.data.params[p.key]) for p in spec.params},
+                     "params": {p.key: parse_value(p.key, run.data.params[p.key]) for p in spec.params},
                      "best_val": min(values) if values else math.nan, "epochs": len({m.step for m in history}),
                      "test": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}})
     return rows

@@ -249,7 +249,8 @@ def worker_error(err) -> str:
     """The first worker's own exception message from Ray's wrapper."""
     failures = getattr(err, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
-        return f"worker {rank}: {type(failure).__name__}: {str(failure).strip().splitlines()[0]}"
+        first_line = (str(failure).strip().splitlines() or [""])[0]  # Ray appends pages of advice
+        return f"worker {rank}: {type(failure).__name__}: {first_line}"
     return str(err)
 
 
@@ -279,7 +280,7 @@ def train_worker(job: dict) -> None:
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = restore(ray.train.get_checkpoint(), net, optimizer)
     if STOPPED in state:  # the run stopped for good before the restart: say so again
-        report(state, rank)
+        report(state, rank, cfg)
         return
     model = net
     if world_size > 1:
@@ -328,7 +329,7 @@ def train_worker(job: dict) -> None:
                 "images_per_second": batches * cfg.batch_size / seconds,
                 **{f"train/{k}": v / batches for k, v in sums.items()}, **{f"val/{k}": v for k, v in val.items()}})
             state.update(epoch=epoch + 1, step=step)
-            report(state, rank, net, optimizer, cfg, grouping, labels)
+            report(state, rank, cfg, net, optimizer, grouping, labels)
             if logger:
                 logger.log_epochs(state["history"])
                 if job["progress"]:
@@ -342,12 +343,12 @@ def train_worker(job: dict) -> None:
         results, arrays = evaluate(net, loaders["test"], grouping, labels, cfg, device)
         results.update(best_epoch=state["best_epoch"], steps=step, workers=world_size, nodes=nodes)
         state["results"] = results
-        report(state, rank, net, optimizer, cfg, grouping, labels)
+        report(state, rank, cfg, net, optimizer, grouping, labels)
         if logger and not logger.final_logged():
             log_final_artifacts(logger, cfg, results, arrays, labels, grouping, state)
     except TrainingError as err:  # deterministic: every worker sees it at the same step; no retry
         state[STOPPED] = {"message": str(err)}
-        report(state, rank)
+        report(state, rank, cfg)
     finally:
         if logger:
             logger.close()
@@ -471,16 +472,18 @@ def seed_everything(seed: int) -> None:
 
 # ============================ checkpoints, reports, artifacts ============================
 
-def report(state: dict, rank: int, net: DIRNet | None = None, optimizer=None, cfg: Config | None = None,
+def report(state: dict, rank: int, cfg: Config, net: DIRNet | None = None, optimizer=None,
            grouping: Grouping | None = None, labels=None) -> None:
     """Every worker calls this at the same points (`ray.train.report` is a barrier); rank 0 attaches
     the checkpoint: the training state, the best model in `groupdir eval`'s format, the history,
     and at the end the test results. A STOPPED state attaches only the reason."""
     import ray.train
 
-    # The latest epoch's validation metrics ride along: a sweep's scheduler ranks trials by them.
-    latest = state["history"][-1] if state["history"] and STOPPED not in state else {}
-    metrics = {"epoch": state["epoch"], "step": state["step"],
+    # For a sweep's scheduler and searcher: the latest epoch's validation metrics (NaN before the
+    # first, e.g. a run stopped by a NaN loss) and the run's epoch count (its last epoch is not judged).
+    latest = state["history"][-1] if state["history"] else {}
+    metrics = {"epoch": state["epoch"], "epochs": cfg.epochs, "step": state["step"],
+               f"val/{cfg.select_metric}": math.nan,
                **{key: value for key, value in latest.items() if key.startswith("val/")}}
     if rank != 0:
         ray.train.report(metrics)

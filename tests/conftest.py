@@ -1,5 +1,7 @@
 import pytest
+import ray
 
+from groupdir.data.shards import Encoding, prepare
 from groupdir.data.synth import SynthSpec, write_synth
 
 
@@ -9,3 +11,19 @@ def tiny_synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "data"
     write_synth(root, SynthSpec(train=600, eval_cap=3, eval_min=1, image_size=32, seed=1))
     return root
+
+
+@pytest.fixture(scope="session")
+def shards(tiny_synth, tmp_path_factory):
+    """tiny_synth as FFCV shards (one per split)."""
+    out = tmp_path_factory.mktemp("shards") / "synth"
+    prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray with 2 CPUs for a test module's runs (`train` and `tune` use a connected Ray)."""
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()

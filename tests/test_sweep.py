@@ -16,25 +16,10 @@ from mlflow import MlflowClient
 
 from groupdir import sweep
 from groupdir.cli import main
-from groupdir.data.shards import Encoding, prepare
 from groupdir.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"epochs": 3, "image_size": 16, "batch_size": 64, "num_groups": 5}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_synth, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep-shards") / "synth"
-    prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +96,30 @@ def test_shipped_spaces_are_valid(name):
         assert cfg.epochs <= 4 and cfg.image_size <= 32 and cfg.backbone == "resnet18"
 
 
+def test_asha_never_judges_a_trials_last_epoch():
+    """The last epoch's report carries the test evaluation: even a trial far behind gets to finish."""
+    from ray.tune.schedulers import TrialScheduler
+
+    def fresh():
+        scheduler = sweep.ASHABeforeLastEpoch(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2,
+                                              stop_last_trials=False)
+        scheduler.set_search_properties("val/bmae/all", "min")
+        for trial in ("good", "bad"):
+            scheduler.on_trial_add(None, Trial(trial))
+        return scheduler
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    for epoch in (1, 2, 4):
+        scheduler = fresh()
+        assert scheduler.on_trial_result(None, Trial("good"), {"epoch": epoch, "epochs": 4, "val/bmae/all": 10.0}) \
+            == TrialScheduler.CONTINUE
+        verdict = scheduler.on_trial_result(None, Trial("bad"), {"epoch": epoch, "epochs": 4, "val/bmae/all": 50.0})
+        assert verdict == (TrialScheduler.CONTINUE if epoch == 4 else TrialScheduler.STOP), epoch
+
+
 # ------------------------------------- sweeps on Ray -------------------------------------
 
 def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, local_ray, capsys):
@@ -124,7 +133,8 @@ def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, lo
     assert len({child.data.params["temperature"] for child in children}) == 4, "Optuna drew the same point twice"
     for child in children:
         assert child.data.params["num_groups"] in ("2", "5") and 0.1 <= float(child.data.params["temperature"]) <= 5
-        assert child.data.metrics["best_val/bmae/all"] == min(val_history(client, child))
+        judged = val_history(client, child)[:int(child.data.tags.get("stopped_epoch", 99))]
+        assert child.data.metrics["best_val/bmae/all"] == min(judged)
         if child.info.status == "FINISHED":
             assert {"test/mae/all", "test/bmae/all"} <= set(child.data.metrics)
             assert len(val_history(client, child)) == TINY["epochs"]
@@ -177,24 +187,31 @@ def test_asha_stops_a_trial_that_falls_behind(shards, tmp_path, tracking, local_
     by_lr = {float(child.data.params["lr"]): child for child in children}
     stopped, kept = by_lr[10.0], by_lr[0.002]
     assert stopped.info.status == "KILLED" and stopped.data.tags["stopped_early"] == "ASHA after epoch 1"
+    assert stopped.data.tags["stopped_epoch"] == "1"
     assert len(val_history(client, stopped)) < 6 and "test/mae/all" not in stopped.data.metrics
     assert kept.info.status == "FINISHED" and len(val_history(client, kept)) == 6
     assert parent.data.metrics["trials/stopped_early"] == 1
 
 
 def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, tracking, local_ray):
-    space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 4},
+    space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 6},
                        trials=3, asha=False)
     command = ["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep"), "--max-concurrent", "1"]
     process = subprocess.Popen([sys.executable, "-m", "groupdir.cli", *command], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     seen = []
-    for line in process.stdout:  # Ctrl-C once the first trial has finished and the second has trained a bit
+    for line in process.stdout:  # once the first trial has finished and the second has started ...
         seen.append(line)
         if sum(" started:" in s for s in seen) == 2 and any(" finished:" in s for s in seen):
             break
-    time.sleep(8)
+    second = seen[-1].split()[0]
+    client = MlflowClient(tracking)
+    for _ in range(120):  # ... and trained an epoch of its 6: Ctrl-C
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.trial_id = '{second}'")
+        if runs and client.get_metric_history(runs[0].info.run_id, "epoch"):
+            break
+        time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     output = "".join(seen) + process.communicate(timeout=180)[0]
     assert process.returncode == 130, output
@@ -217,4 +234,4 @@ def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, t
     assert ids[first.info.run_id].info.end_time == first.info.end_time, "a finished trial ran again"
     for child in children:  # every epoch logged exactly once, the interrupted trial's too
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
-        assert sorted(steps) == [1, 2, 3, 4], (child.data.tags["trial_id"], steps)
+        assert sorted(steps) == [1, 2, 3, 4, 5, 6], (child.data.tags["trial_id"], steps)

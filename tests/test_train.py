@@ -5,30 +5,18 @@ import json
 
 import numpy as np
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 
 from groupdir.config import load_config
-from groupdir.data.shards import Encoding, prepare, read_meta
+from groupdir.data.shards import read_meta
 from groupdir.train import TrainingError, check_finite, evaluate_checkpoint, train
 
 SHARD_RUN = {"epochs": 2, "batch_size": 64, "image_size": 32, "num_groups": 5, "lr": 2e-3}
 STEPS_PER_EPOCH = 300 // 32  # 600 rows: 300 per worker, 32 per worker batch, last partial batch dropped
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_synth, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-shards") / "synth"
-    prepare(tiny_synth, out, encoding=Encoding(max_resolution=32), workers=1)
-    return out
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
