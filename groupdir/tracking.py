@@ -74,8 +74,8 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
 
 def finish_run(uri: str, run_id: str, status: str, error: str = "") -> None:
     """status: FINISHED, FAILED, or KILLED (Ctrl-C); a failure's message goes in the tag `error`.
-    A run already ended elsewhere keeps its status: a sweep marks the trials ASHA stops, and the
-    trial, torn down a moment later, must not overwrite that with FAILED."""
+    The first verdict stands: a run already ended elsewhere keeps its status (a sweep marks a trial
+    KILLED when ASHA stops it; the trial's workers, torn down a moment later, must not undo that)."""
     client = mlflow_client(uri)
     if client.get_run(run_id).info.status != "RUNNING":
         return
@@ -94,8 +94,8 @@ def child_runs(uri: str, parent_run_id: str) -> list:
     """The runs nested under `parent_run_id` (tag mlflow.parentRunId), oldest first."""
     client = mlflow_client(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    return list(reversed(client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                            max_results=50000, order_by=["attributes.start_time DESC"])))
+    return list(client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                   max_results=50000, order_by=["attributes.start_time ASC"]))
 
 
 def provenance_tags(cfg, dataset: str) -> dict:
