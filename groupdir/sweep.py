@@ -496,7 +496,8 @@ def trial_rows(uri: str, parent_id: str, select_metric: str, spec: SweepSpec) ->
         rows.append({"trial": run.data.tags.get("trial_id", ""), "run_id": run.info.run_id, "status": status,
                      "params": {p.key: parse_value(p.key, run.data.params[p.key]) for p in spec.params},
                      "best_val": min(values) if values else math.nan, "epochs": len({m.step for m in history}),
-                     "test": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}})
+                     "test": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")},
+                     "best_logged": f"best_val/{select_metric}" in run.data.metrics})
     return rows
 
 
@@ -511,7 +512,7 @@ def summarize(uri: str, parent_id: str, select_metric: str, spec: SweepSpec, row
     finished = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row["best_val"])]
     best = min(finished, key=lambda row: row["best_val"]) if finished else None
     for row in rows:
-        if math.isfinite(row["best_val"]) and f"best_{metric}" not in client.get_run(row["run_id"]).data.metrics:
+        if math.isfinite(row["best_val"]) and not row["best_logged"]:
             client.log_metric(row["run_id"], f"best_{metric}", row["best_val"])
     table = format_trials(rows, spec, select_metric)
     counts = {status: sum(row["status"] == status for row in rows) for status in ("FINISHED", "STOPPED_EARLY", "FAILED")}
