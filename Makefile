@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 DEMO_DIR ?= demo
 
-.PHONY: setup system-packages test demo bench-method bench-train bench-loss gpu-check clean
+.PHONY: setup system-packages test test-fast demo bench-method bench-train bench-loss gpu-check clean
 
 setup: $(VENV)/.setup-stamp
 
@@ -35,6 +35,10 @@ $(VENV)/.setup-stamp: pyproject.toml | system-packages
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# The unit tier for a quick loop (under 2 minutes): no Ray, no subprocesses, no training runs.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
 
 demo: setup
 	$(VENV)/bin/groupdir demo --out $(DEMO_DIR)

@@ -1,3 +1,3 @@
 """groupdir: a distributed Group-DIR trainer for deep imbalanced regression."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

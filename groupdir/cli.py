@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one model and evaluate it on the test split once")
     train.add_argument("--data", help="DIR data root (same as data=...)")
-    train.add_argument("--config", help="YAML config file; key=value arguments override it")
+    train.add_argument("--config", help="YAML config file, or a packaged config by name (paper, authors, "
+                                         "calibrated); key=value arguments override it")
     train.add_argument("--out", help="run folder (default runs/<method>-<time>); rerun with the same "
                                       "--out to resume an interrupted run")
     train.add_argument("--address", help="join a Ray cluster: auto or ray://host:10001 (same as address=...)")
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="synthetic data -> Group-DIR and vanilla -> shot tables")
     demo.add_argument("--out", default="demo")
     demo.add_argument("--train", type=int, default=4000)
-    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--epochs", type=int, default=3, help="per run (default 3: `bench method`'s, in minutes on 2 CPUs)")
     demo.add_argument("--workers", type=int, default=2, help="Ray workers per run (default 2)")
 
     tune = commands.add_parser("tune", help="Ray Tune sweep over a YAML search space; every trial an MLflow run")
@@ -96,11 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--workers", type=int, default=2, help="loader processes for both (default 2)")
     loader.add_argument("--batch-size", type=int, default=128)
     loader.add_argument("--epochs", type=int, default=2, help="timed passes after one warm-up pass")
-    method = bench_kinds.add_parser("method", help="Group-DIR vs vanilla vs SQINV+LDS, several seeds")
+    method = bench_kinds.add_parser("method", help="Group-DIR (paper, calibrated) vs vanilla vs SQINV+LDS, "
+                                                   "paired seeds, a verdict per claim")
     method.add_argument("--out", default="bench/method")
-    method.add_argument("--seeds", type=int, default=3)
-    method.add_argument("--train", type=int, default=4000)
-    method.add_argument("--epochs", type=int, default=12)
+    method.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1, paired across methods (default 3)")
+    method.add_argument("--train", type=int, default=4000, help="synthetic training images (default 4000)")
+    method.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3: under 40 minutes on 2 CPUs)")
+    method.add_argument("--concurrent", type=int, default=2, help="runs at once, one Ray worker and CPU each")
+    method.add_argument("--methods", nargs="+", metavar="NAME", help="a subset, by name (default: all; vanilla "
+                        "always), e.g. --methods vanilla 'Group-DIR (calibrated)'")
     method.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     scaling = bench_kinds.add_parser("train", help="training images/s per Ray worker for 1, 2, ... workers")
     scaling.add_argument("--out", default="bench/train")
@@ -197,11 +202,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: synthetic data -> FFCV shards -> Group-DIR and vanilla,
-    each on `--workers` Ray workers -> `groupdir eval` of both checkpoints -> MLflow."""
+    """The main job on the embedded default: synthetic data -> FFCV shards -> Group-DIR (the
+    packaged `calibrated` config) and vanilla, each on `--workers` Ray workers -> `groupdir eval` of
+    both checkpoints -> MLflow."""
     import ray
 
-    from groupdir.metrics import format_shot_table
+    from groupdir.data import synthetic_shards
+    from groupdir.metrics import format_shot_table, selected
     from groupdir.train import evaluate_checkpoint, train
 
     out = Path(args.out)
@@ -210,8 +217,10 @@ def cmd_demo(args) -> int:
     ray.init(num_cpus=args.workers, logging_level="WARNING")  # one local Ray for both runs
     try:
         for method in ("groupdir", "vanilla"):
-            print(f"\n== training {method}: {args.epochs} epochs on {args.workers} Ray workers ==", flush=True)
-            cfg = load_training_config(None, [f"method={method}", f"epochs={args.epochs}", f"workers={args.workers}",
+            config = "calibrated" if method == "groupdir" else None
+            print(f"\n== training {method}{f' (--config {config})' if config else ''}: {args.epochs} epochs on "
+                  f"{args.workers} Ray workers ==", flush=True)
+            cfg = load_training_config(config, [f"method={method}", f"epochs={args.epochs}", f"workers={args.workers}",
                                               f"tracking_uri={tracking_uri}", "experiment=demo"], data=str(shards))
             train(cfg, out / method, force=True)  # the demo's own run folders are scratch
     finally:
@@ -221,36 +230,21 @@ def cmd_demo(args) -> int:
             for method in ("groupdir", "vanilla")}
     print("Test split, balanced over ages; shots by training count (many > 100, few < 20):")
     print(format_shot_table(runs))
-    ours, theirs = runs["groupdir"]["predicted"]["mae/few"], runs["vanilla"]["predicted"]["mae/few"]
-    better = "Group-DIR" if ours < theirs else "vanilla"
-    print(f"\nRare (few-shot) ages: MAE {ours:.2f} for Group-DIR, {theirs:.2f} for vanilla: {better} is better "
-          f"on this short CPU run. README 'Results' compares them over seeds and explains the gap.")
+    route = runs["groupdir"]["selected_route"]
+    ours, theirs = selected(runs["groupdir"]), selected(runs["vanilla"])
+    print(f"\nValidation selected Group-DIR's {route} route. On the test split, rare (few-shot) ages: MAE "
+          f"{ours['mae/few']:.2f} for Group-DIR, {theirs['mae/few']:.2f} for vanilla; balanced MAE {ours['bmae/all']:.2f} "
+          f"vs {theirs['bmae/all']:.2f}; frequent (many-shot) ages: {ours['mae/many']:.2f} vs {theirs['mae/many']:.2f}. "
+          f"One short CPU run of each; README 'Results' compares them over paired seeds.")
     print(f"\nCompare the two runs (experiment 'demo') in the MLflow UI:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000\n"
           f"  then open http://127.0.0.1:5000")
     return 0
 
 
-def synthetic_shards(out: Path, train_size: int = 4000) -> Path:
-    """The embedded default's data: a synthetic face-age set in out/data and its FFCV shards in
-    out/shards, each written only if missing (the demo and a sweep without --data share them)."""
-    from groupdir.data.shards import Encoding, is_shards_dir, prepare
-    from groupdir.data.synth import SynthSpec, write_synth
-
-    data, shards = out / "data", out / "shards"
-    if (data / "synth_age.csv").is_file():
-        print(f"using the synthetic data set already in {data}", flush=True)
-    else:
-        print(f"writing a synthetic face-age data set to {data} ...", flush=True)
-        write_synth(data, SynthSpec(train=train_size, seed=0))
-    if not is_shards_dir(shards):
-        print(f"encoding it into FFCV shards in {shards} ...", flush=True)
-        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
-    return shards
-
-
 def cmd_tune(args) -> int:
     from groupdir import sweep
+    from groupdir.data import synthetic_shards
 
     spec = sweep.load_space(args.space, name=args.name or "", trials=args.trials, max_concurrent=args.max_concurrent)
     extra = {"data": args.data, "workers": args.workers_per_trial, "address": args.address}
@@ -288,7 +282,8 @@ def cmd_bench(args) -> int:
                            batch_size=args.batch_size, epochs=args.epochs)
     elif args.kind == "method":
         bench.bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
-                           overrides=args.overrides, tracking_uri=tracking_uri)
+                           concurrent=args.concurrent, overrides=args.overrides, tracking_uri=tracking_uri,
+                           methods=args.methods)
     elif args.kind == "loss":
         bench.bench_loss(Path(args.out), batch_sizes=args.batch_sizes, dims=args.dims, repeats=args.repeats,
                          naive_max=args.naive_max)

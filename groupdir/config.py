@@ -27,6 +27,8 @@ CONTRAST_SCOPES = ("local", "global")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 CROPS = ("pad", "random_resized")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes
+GROUP_LOSSES = ("soft", "ce", "soft_balanced", "ce_balanced")
+ROUTES = ("predicted", "soft", "adjusted", "adjusted_soft")  # test-time routes (groupdir.evaluation)
 
 
 @dataclass
@@ -51,7 +53,8 @@ class Config:
     temperature: float = 2.5       # t of paper Eq. 2
     similarity: str = "cosine"     # cosine (paper) | euclidean (authors' code)
     loss_backend: str = "auto"     # auto (triton on CUDA, else torch) | triton | torch | naive
-    group_loss: str = "soft"       # soft (paper's descending soft labels) | ce (plain cross-entropy)
+    group_loss: str = "soft"       # soft (paper's soft labels) | ce | soft_balanced | ce_balanced (balanced softmax)
+    soft_reduction: str = "mean"   # the group loss over the batch: mean | sum (the authors' code: ~B x lambda_soft)
     beta: float = 1.0              # slope of the soft labels
     lambda_grc: float = 1.0        # weight of the contrastive term (1 in the paper; 0 turns it off)
     lambda_reg: float = 1.0        # lambda_1 of paper Eq. 5
@@ -62,6 +65,11 @@ class Config:
     lds_kernel: str = "gaussian"   # gaussian | triang | laplace
     lds_ks: int = 5
     lds_sigma: float = 2.0
+
+    # --- routing and calibration (after training, on validation only) -----------------------
+    select_route: str = "auto"     # headline route: auto (best on validation) | predicted | soft | adjusted | adjusted_soft
+    la_target: str = "val"         # logit adjustment's target group prior: val (the validation histogram) | uniform
+    crt_epochs: int = 0            # re-train the group classifier on frozen features with its balanced loss (epochs)
 
     # --- model ------------------------------------------------------------------------------
     backbone: str = "resnet18"     # resnet18 | resnet34 | resnet50 (random init)
@@ -100,7 +108,10 @@ class Config:
             "grouping": ("equal_width", "equal_frequency"),
             "similarity": SIMILARITIES,
             "loss_backend": BACKENDS,
-            "group_loss": ("soft", "ce"),
+            "group_loss": GROUP_LOSSES,
+            "soft_reduction": ("mean", "sum"),
+            "select_route": ("auto", *ROUTES),
+            "la_target": ("val", "uniform"),
             "reg_loss": ("l1", "mse"),
             "reweight": ("none", "inverse", "sqrt_inv"),
             "lds_kernel": ("gaussian", "triang", "laplace"),
@@ -119,7 +130,7 @@ class Config:
                 raise ConfigError(f"{key}={value!r} must be a finite number > 0")
         non_negative = ("loader_workers", "beta", "lambda_grc", "lambda_reg", "lambda_soft",
                         "weight_decay", "threads", "few_shot", "lds_sigma", "cpus_per_worker", "gpus_per_worker",
-                        "max_failures")
+                        "max_failures", "crt_epochs")
         for key in non_negative:
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):
@@ -198,11 +209,33 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return values
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """The names `--config NAME` accepts besides a file path (groupdir/configs/NAME.yaml)."""
+    return sorted(path.stem for path in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file path as given, or the packaged config of that name."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path}.yaml"
+    if not packaged.is_file():
+        raise ConfigError(f"no config file {path} and no packaged config of that name; packaged: "
+                          f"{', '.join(packaged_configs())}")
+    return packaged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file <- overrides ("key=value" strings or a dict); then validate."""
+    """Defaults <- YAML file (a path, or a packaged config's name) <- overrides ("key=value" strings
+    or a dict); then validate."""
     types = {f.name: str(f.type) for f in fields(Config)}
     values: dict[str, Any] = {}
     if path is not None:
+        path = config_path(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:

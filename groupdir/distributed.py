@@ -71,13 +71,19 @@ def sync_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def gather_rows(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+def gather_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, root_only: bool = False) -> dict[str, np.ndarray] | None:
     """Each worker's per-sample arrays, gathered and de-duplicated by data-set row, in row order.
-    Samplers pad the last worker's slice with repeated rows; evaluation must count each row once."""
-    _, world_size = world()
+    Samplers pad the last worker's slice with repeated rows; evaluation must count each row once.
+    `root_only`: gathered on rank 0 alone (large arrays); the other ranks get None."""
+    rank, world_size = world()
     if world_size > 1:
-        pieces: list = [None] * world_size
-        dist.all_gather_object(pieces, (arrays, rows))
+        pieces: list | None = [None] * world_size if rank == 0 or not root_only else None
+        if root_only:
+            dist.gather_object((arrays, rows), pieces, dst=0)
+        else:
+            dist.all_gather_object(pieces, (arrays, rows))
+        if pieces is None:
+            return None
         arrays = {key: np.concatenate([piece[0][key] for piece in pieces]) for key in arrays}
         rows = np.concatenate([piece[1] for piece in pieces])
     _, first = np.unique(rows, return_index=True)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from groupdir.config import SHOTS
-from groupdir.losses.regression import label_bins
+from groupdir.labels import label_bins
 
 GM_EPSILON = 1e-8
 
@@ -40,18 +40,19 @@ def shot_metrics(pred, target, train_labels, many: int = 100, few: int = 20,
     result = {}
     for shot in SHOTS:
         mask = np.ones_like(errors, dtype=bool) if shot == "all" else shots == shot
-        err = errors[mask]
-        result[f"n/{shot}"] = int(err.size)
-        if err.size == 0:
-            result.update({f"{m}/{shot}": math.nan for m in ("mae", "mse", "gm", "bmae")})
-            continue
-        result[f"mae/{shot}"] = float(err.mean())
-        result[f"mse/{shot}"] = float((err ** 2).mean())
-        result[f"gm/{shot}"] = float(np.exp(np.log(np.maximum(err, GM_EPSILON)).mean()))
-        shot_bins, inverse = np.unique(bins[mask], return_inverse=True)
-        per_bin = np.bincount(inverse, weights=err) / np.bincount(inverse)
-        result[f"bmae/{shot}"] = float(per_bin.mean())
+        result[f"n/{shot}"] = int(mask.sum())
+        result.update({f"{name}/{shot}": value for name, value in error_metrics(errors[mask], bins[mask]).items()})
     return result
+
+
+def error_metrics(errors: np.ndarray, bins: np.ndarray) -> dict[str, float]:
+    """MAE, MSE, GM and bMAE of absolute errors whose labels fall in `bins`; NaN when empty."""
+    if errors.size == 0:
+        return {name: math.nan for name in ("mae", "mse", "gm", "bmae")}
+    _, inverse = np.unique(bins, return_inverse=True)
+    return {"mae": float(errors.mean()), "mse": float((errors ** 2).mean()),
+            "gm": float(np.exp(np.log(np.maximum(errors, GM_EPSILON)).mean())),
+            "bmae": float((np.bincount(inverse, weights=errors) / np.bincount(inverse)).mean())}
 
 
 def group_metrics(pred_groups, true_groups, shots: np.ndarray | None = None) -> dict[str, float]:
@@ -67,34 +68,52 @@ def group_metrics(pred_groups, true_groups, shots: np.ndarray | None = None) -> 
     return result
 
 
-def format_shot_table(runs: dict[str, dict]) -> str:
-    """Side-by-side shot tables, one block of columns per run (name -> results of `evaluate`).
+ROUTE_NOTES = {"predicted": "argmax group (the paper)", "soft": "sum_g p(g|x) expert_g",
+               "adjusted": "argmax of logit-adjusted groups", "adjusted_soft": "soft mix of the adjusted posterior",
+               "oracle": "true group picks the expert; not a test result",
+               "centroid": "true group's mean training label; not a test result"}
 
-    Rows all/many/median/few, columns n, MAE, MSE, GM, bMAE of the PREDICTED route; then group
-    accuracy, and the soft and oracle routes on lines of their own, labelled apart.
-    """
+
+def format_shot_table(runs: dict[str, dict]) -> str:
+    """Side-by-side shot tables, one block of columns per run (name -> results of a split), each of
+    the route its validation selected; then every route of each run on a line of its own."""
     names = list(runs)
-    width = 36
-    lines = ["".ljust(8) + "".join(f"{name + ' (predicted route)':^{width}}" for name in names),
-             f"{'shot':<8}" + f"{'n':>6}{'MAE':>8}{'MSE':>9}{'GM':>7}{'bMAE':>6}".ljust(width) * len(names)]
+    width = 38
+    lines = ["".ljust(8) + "".join(f"{name + ' (' + runs[name]['selected_route'] + ' route)':^{width}}"
+                                   for name in names),
+             f"{'shot':<8}" + f"{'n':>6}{'MAE':>8}{'MSE':>9}{'GM':>7}{'bMAE':>7}".ljust(width) * len(names)]
     for shot in SHOTS:
         cells = []
         for name in names:
-            r = runs[name]["predicted"]
+            r = runs[name][runs[name]["selected_route"]]
             cells.append(f"{r[f'n/{shot}']:>6d}{r[f'mae/{shot}']:>8.2f}{r[f'mse/{shot}']:>9.1f}"
-                         f"{r[f'gm/{shot}']:>7.2f}{r[f'bmae/{shot}']:>6.2f}".ljust(width))
+                         f"{r[f'gm/{shot}']:>7.2f}{r[f'bmae/{shot}']:>7.2f}".ljust(width))
         lines.append(f"{shot:<8}" + "".join(cells))
     lines.append(f"{'groups':<8}" + "".join(
-        f"acc {runs[n]['predicted']['group_acc']:.2f} (few {runs[n]['predicted'].get('group_acc/few', math.nan):.2f})"
-        f"  |err| {runs[n]['predicted']['group_dist']:.2f}".ljust(width) for n in names))
+        f"acc {selected(runs[n])['group_acc']:.2f} (few {selected(runs[n]).get('group_acc/few', math.nan):.2f})"
+        f"  |err| {selected(runs[n])['group_dist']:.2f}".ljust(width) for n in names))
     for name in names:
-        for extra in ("soft", "oracle"):
-            if extra in runs[name]:
-                r = runs[name][extra]
-                lines.append(f"{name}, {extra} route{' (true group, not a test result)' if extra == 'oracle' else ''}: "
-                             + "  ".join(f"MAE {shot} {r[f'mae/{shot}']:.2f}" for shot in SHOTS))
-    lines.append("GM: geometric mean of |error|, errors clamped at 1e-8. bMAE: mean over labels of per-label MAE.")
+        routes = [route for route in ROUTE_NOTES if route in runs[name]]
+        if len(routes) < 2:
+            continue
+        calibration = runs[name]["calibration"]
+        lines += ["", f"{name}, every route (MAE all / many / median / few, bMAE, group acc few, |group err|):"]
+        for route in routes:
+            r = runs[name][route]
+            setting = {"adjusted": f" tau {calibration['tau']:g}",
+                       "adjusted_soft": f" tau {calibration['soft_tau']:g} T {calibration['route_temperature']:g}"}
+            label = route + setting.get(route, "") + (" *" if route == runs[name]["selected_route"] else "")
+            lines.append(f"  {label:<28}" + "".join(f"{r[f'mae/{shot}']:7.2f}" for shot in SHOTS)
+                         + f"{r['bmae/all']:7.2f}{r.get('group_acc/few', math.nan):7.2f}{r['group_dist']:7.2f}"
+                         + f"   {ROUTE_NOTES[route]}")
+    lines.append("* the route validation selected. GM: geometric mean of |error|, errors clamped at 1e-8. "
+                 "bMAE: mean over labels of per-label MAE.")
     return "\n".join(lines)
+
+
+def selected(results: dict) -> dict:
+    """The metrics of the route validation selected."""
+    return results[results["selected_route"]]
 
 
 def _numpy(values) -> np.ndarray:

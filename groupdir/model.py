@@ -1,9 +1,9 @@
-"""Backbone + group classifier + one scalar regressor ("expert") per group, and the routes.
+"""Backbone + group classifier + one scalar regressor ("expert") per group.
 
-Training regresses each sample with its TRUE group's expert. At test time the PREDICTED group
-(argmax of the classifier) picks the expert; the oracle route (true group) and the soft route
-(sum_g p(g|x) * y_g, paper Lemma 1) are computed beside it and reported apart. The vanilla baseline
-is the same backbone with a single regressor and no classifier.
+Training regresses each sample with its TRUE group's expert. At test time a route turns the group
+logits and the experts' values into one prediction (groupdir/evaluation.py); the paper's is the
+PREDICTED group's expert. The vanilla baseline is the same backbone with a single regressor and no
+classifier.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch.nn as nn
 import torchvision
 
 from groupdir.config import BACKBONES
-
-ROUTES = ("predicted", "soft", "oracle")
+from groupdir.data.loaders import normalize
 
 
 @dataclass
@@ -48,18 +47,11 @@ class DIRNet(nn.Module):
             return Output(features, logits, self.experts(features))
 
 
-def route(output: Output, how: str, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) predictions: by the predicted group, the soft mixture, or the true group (oracle)."""
-    if output.group_logits is None:
-        return output.experts[:, 0]
-    if how == "predicted":
-        chosen = output.group_logits.argmax(dim=1)
-    elif how == "oracle":
-        if groups is None:
-            raise ValueError("the oracle route needs the true groups")
-        chosen = groups
-    elif how == "soft":
-        return (output.group_logits.softmax(dim=1) * output.experts).sum(dim=1)
-    else:
-        raise ValueError(f"unknown route {how!r}: use one of {', '.join(ROUTES)}")
-    return output.experts.gather(1, chosen[:, None]).squeeze(1)
+def forward(model: nn.Module, images: torch.Tensor, device: torch.device) -> Output:
+    """A uint8 batch through the model: moved to the device and normalised there; channels_last and
+    bf16 autocast on CUDA (the heads stay in float32)."""
+    images = normalize(images.to(device, non_blocking=True))
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(images)

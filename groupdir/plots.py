@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from groupdir.losses.regression import label_bins  # noqa: E402
+from groupdir.labels import label_bins  # noqa: E402
 
 
 def per_label_error(pred: np.ndarray, target: np.ndarray, train_labels: np.ndarray, bin_width: float):
@@ -50,13 +50,13 @@ def group_confusion(chosen_groups: np.ndarray, true_groups: np.ndarray, num_grou
     return figure
 
 
-def predicted_vs_true(pred: np.ndarray, target: np.ndarray):
+def predicted_vs_true(pred: np.ndarray, target: np.ndarray, route: str = "predicted"):
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     axis.scatter(target, pred, s=4, alpha=0.4)
     low, high = float(min(target.min(), pred.min())), float(max(target.max(), pred.max()))
     axis.plot([low, high], [low, high], color="black", linewidth=1)
     axis.set_xlabel("true label")
-    axis.set_ylabel("prediction (predicted-group route)")
+    axis.set_ylabel(f"prediction ({route} route)")
     axis.set_title("Predicted vs true (test)")
     figure.tight_layout()
     return figure

@@ -1,7 +1,10 @@
 """`groupdir tune`: Ray Tune sweeps over any config key, every trial an MLflow run under one parent.
 
 A search space is a YAML file (tune/*.yaml): `fixed` config keys for every trial, and a `space` of
-keys to search, each one of choice / grid / uniform / loguniform / int. Each trial is `run_trial`,
+keys to search, each one of choice / grid / uniform / loguniform / int. A choice (or grid) may also
+be a mapping of named bundles of keys that only make sense together, e.g.
+`contrast: {choice: {paper: {similarity: cosine, temperature: 2.5}, authors: {...}}}`: the searcher
+draws a name, the trial gets the bundle's keys, and MLflow records the name as the param `contrast`. Each trial is `run_trial`,
 a Tune function that builds a TorchTrainer for its config (Ray Train V2's pattern) with Tune's
 report callback, so every epoch's validation metrics reach the ASHA scheduler (which stops trials
 that fall behind) and the Optuna searcher. A trial trains through `train_run`, the same code as
@@ -52,6 +55,11 @@ class Param:
     key: str
     kind: str       # one of KINDS
     values: list    # choice / grid: the values; uniform / loguniform / int: [low, high], both included
+    bundles: dict[str, dict] | None = None  # a choice of named bundles: name -> {config key: value}
+
+    def settings(self, value) -> dict:
+        """The config keys a drawn value stands for."""
+        return dict(self.bundles[value]) if self.bundles else {self.key: value}
 
     def domain(self):
         from ray import tune
@@ -64,6 +72,9 @@ class Param:
         return tune.uniform(low, high) if self.kind == "uniform" else tune.loguniform(low, high)
 
     def describe(self) -> str:
+        if self.bundles:
+            return f"{self.kind}(" + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in bundle.items())
+                                               for name, bundle in self.bundles.items()) + ")"
         return f"{self.kind}({', '.join(map(str, self.values))})"
 
 
@@ -142,8 +153,12 @@ def _param(path: Path, key: str, domain) -> Param:
     (kind, values), = domain.items()
     if kind not in KINDS:
         raise ConfigError(f"{where}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind in ("choice", "grid") and isinstance(values, dict) and values:
+        if not all(isinstance(bundle, dict) and bundle for bundle in values.values()):
+            raise ConfigError(f"{where}: a {kind} of bundles maps each name to a mapping of config keys")
+        return Param(key, kind, [str(name) for name in values], {str(k): v for k, v in values.items()})
     if not isinstance(values, list) or not values:
-        raise ConfigError(f"{where}: {kind} needs a non-empty list")
+        raise ConfigError(f"{where}: {kind} needs a non-empty list (or a mapping of named bundles)")
     if kind in ("choice", "grid"):
         return Param(key, kind, values)
     if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -167,16 +182,26 @@ def sweep_config(spec: SweepSpec, overrides: list[str]) -> Config:
     except ConfigError as err:
         raise ConfigError(f"{spec.space_file} (fixed) with the command line: {err}") from None
     known = set(base.to_dict())
+    searched: set[str] = set()
     for param in spec.params:
         where = f"{spec.space_file}: space.{param.key}"
-        if param.key not in known:
-            raise ConfigError(f"{where}: unknown config key {param.key!r}")
-        if param.key in NOT_SEARCHABLE:
-            raise ConfigError(f"{where}: {param.key} is the same for every trial; set it in 'fixed' or "
-                              f"on the command line")
-        if param.key in spec.fixed or param.key in command_line:
-            raise ConfigError(f"{where}: {param.key} is both searched and fixed "
-                              f"({'in fixed' if param.key in spec.fixed else 'on the command line'}); drop one")
+        if param.bundles and param.key in known:
+            raise ConfigError(f"{where}: a bundle's name must not be a config key; name it after what it bundles")
+        keys = sorted({k for bundle in param.bundles.values() for k in bundle}) if param.bundles else [param.key]
+        for key in keys:
+            if key not in known:
+                raise ConfigError(f"{where}: unknown config key {key!r}")
+            if key in NOT_SEARCHABLE:
+                raise ConfigError(f"{where}: {key} is the same for every trial; set it in 'fixed' or "
+                                  f"on the command line")
+            if key in spec.fixed or key in command_line:
+                raise ConfigError(f"{where}: {key} is both searched and fixed "
+                                  f"({'in fixed' if key in spec.fixed else 'on the command line'}); drop one")
+            if key in searched:
+                raise ConfigError(f"{where}: {key} is searched twice")
+            searched.add(key)
+        if param.bundles:
+            continue
         kind_of_key = type(getattr(base, param.key))
         if param.kind == "int" and kind_of_key is not int:
             raise ConfigError(f"{where}: int ranges are for integer keys; {param.key} is {kind_of_key.__name__}")
@@ -193,7 +218,7 @@ def candidates(spec: SweepSpec, base: Config):
     for param in spec.params:
         for value in param.values:
             try:
-                yield param, value, load_config(overrides={**base.to_dict(), param.key: value})
+                yield param, value, load_config(overrides={**base.to_dict(), **param.settings(value)})
             except ConfigError as err:
                 raise refused(spec, param, value, err) from None
 
@@ -222,7 +247,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
     given = cfg.to_dict()
     with ray_session(cfg.address):
         cfg, use_gpu, concurrent = fit_sweep_resources(cfg, spec)
-        searched = {p.key for p in spec.params}
+        searched = {key for p in spec.params for value in p.values for key in p.settings(value)}
         parent_id = tracking.open_run(
             cfg.tracking_uri, cfg.experiment, spec.name,
             {**{k: v for k, v in cfg.to_dict().items() if k not in searched},
@@ -245,7 +270,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
                  if spec.grace_period else "no early stopping")
               + f"\nMLflow: parent run {parent_id}, experiment '{cfg.experiment}' at {cfg.tracking_uri}", flush=True)
         job = {"cfg": cfg, "use_gpu": use_gpu, "sweep_dir": str(sweep_dir), "parent_run_id": parent_id,
-               "sweep": spec.name, "dataset": dataset}
+               "sweep": spec.name, "dataset": dataset, "params": spec.params}
         try:
             results = make_tuner(spec, cfg, job, concurrent, resume=previous is not None).fit()
             ended = results.num_terminated + results.num_errors
@@ -400,13 +425,16 @@ def run_trial(params: dict, job: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {key: value.item() if hasattr(value, "item") else value for key, value in params.items()}  # numpy
-    cfg = load_config(overrides={**job["cfg"].to_dict(), **params})
+    spec = {p.key: p for p in job["params"]}
+    settings = {k: v for key, value in params.items() for k, v in spec[key].settings(value).items()}
+    cfg = load_config(overrides={**job["cfg"].to_dict(), **settings})
+    bundle_names = {key: value for key, value in params.items() if spec[key].bundles}
     run_dir = Path(job["sweep_dir"]) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = trial_run(cfg.tracking_uri, job["parent_run_id"], trial_id)
     if existing:
         tracking.set_tags(cfg.tracking_uri, existing.info.run_id, {"interrupted": "false"})
-    run_id = tracking.open_run(cfg.tracking_uri, cfg.experiment, trial_id, cfg.to_dict(),
+    run_id = tracking.open_run(cfg.tracking_uri, cfg.experiment, trial_id, {**cfg.to_dict(), **bundle_names},
                                trial_tags(cfg, job, trial_id), existing.info.run_id if existing else "")
     train_run(cfg, job["use_gpu"], run_dir, str(Path(job["sweep_dir"]) / "ray"), f"train-trial_id={trial_id}",
               run_id, progress=False, callbacks=(TuneReportCallback(),), mark_failures=False)
@@ -493,9 +521,14 @@ def trial_rows(uri: str, parent_id: str, select_metric: str, spec: SweepSpec) ->
         if status == "KILLED":
             status = "STOPPED_EARLY" if "stopped_early" in run.data.tags else "INTERRUPTED"
         values = [m.value for m in history if math.isfinite(m.value)]
+        # A finished run logs its delivered model's validation score (after classifier re-training,
+        # which no epoch's report sees); other runs are judged on their best epoch.
+        delivered = run.data.metrics.get(f"best_val/{select_metric}") if status == "FINISHED" else None
         rows.append({"trial": run.data.tags.get("trial_id", ""), "run_id": run.info.run_id, "status": status,
-                     "params": {p.key: parse_value(p.key, run.data.params[p.key]) for p in spec.params},
-                     "best_val": min(values) if values else math.nan, "epochs": len({m.step for m in history}),
+                     "params": {p.key: run.data.params[p.key] if p.bundles else parse_value(p.key, run.data.params[p.key])
+                                for p in spec.params},
+                     "best_val": delivered if delivered is not None else min(values) if values else math.nan,
+                     "epochs": len({m.step for m in history}),
                      "test": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")},
                      "best_logged": f"best_val/{select_metric}" in run.data.metrics})
     return rows

@@ -63,13 +63,18 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
     if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     from mlflow.entities import Param
 
     client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
     return run.info.run_id
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The id of experiment `name`, created if missing."""
+    client = mlflow_client(uri)
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
 
 
 def finish_run(uri: str, run_id: str, status: str, error: str = "") -> None:
@@ -142,11 +147,21 @@ class RunLogger:
     def log_final(self, results: dict, cfg_dict: dict, shot_table: str, figures: dict, files: list[Path]) -> None:
         from mlflow.entities import Metric
 
+        from groupdir.evaluation import REFERENCE_ROUTES, TEST_ROUTES
+
         now = int(time.time() * 1000)
-        metrics = [Metric(f"test/{route}/{key}" if route != "predicted" else f"test/{key}", float(value), now, 0)
-                   for route, values in results.items() if isinstance(values, dict)
-                   for key, value in values.items() if _finite(value)]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        # test/KEY: the route validation selected (the headline); test/ROUTE/KEY: every route;
+        # best_val/KEY: the delivered model's validation metrics (after classifier re-training).
+        routes = {route: results[route] for route in TEST_ROUTES + REFERENCE_ROUTES if route in results}
+        values = {**{f"test/{key}": value for key, value in routes[results["selected_route"]].items()},
+                  **{f"test/{route}/{key}": value for route, metrics in routes.items() for key, value in metrics.items()},
+                  **{f"calibration/{key}": value for key, value in results["calibration"].items() if key != "shift"},
+                  **{f"best_val/{key}": value for key, value in results["validation"].items()},
+                  **results["classifier_retraining"]}
+        metrics = [Metric(key, float(value), now, 0) for key, value in values.items() if _finite(value)]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        self.client.set_tag(self.run_id, "selected_route", results["selected_route"])
         self.client.log_text(self.run_id, "# Test shot table\n\n```\n" + shot_table + "\n```\n", "test_shot_table.md")
         self.client.log_text(self.run_id, yaml.safe_dump(cfg_dict, sort_keys=False), "config.yaml")
         for name, figure in figures.items():

@@ -27,26 +27,25 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from groupdir import __version__
 from groupdir.atomic import write_json_atomic
 from groupdir.config import Config, load_config
 from groupdir.data import open_data, set_epoch, train_labels
-from groupdir.data.loaders import normalize
 from groupdir.data.shards import META, is_shards_dir, read_meta
-from groupdir.distributed import (gather_objects, gather_rows, global_batch, mean_over_workers, sync_buffers,
-                                  world)
+from groupdir.distributed import gather_objects, global_batch, mean_over_workers, sync_buffers, world
 from groupdir.errors import ConfigError, TrainingError
+from groupdir.evaluation import (TEST_ROUTES, Calibration, Outputs, calibrate, group_centroids, label_prior, predict,
+                                 route_metrics, route_values)
 from groupdir.grouping import Grouping, make_grouping
-from groupdir.losses import group_contrastive_loss, label_weights, regression_loss, soft_label_loss
-from groupdir.losses.regression import label_bins
-from groupdir.metrics import format_shot_table, group_metrics, shot_metrics, shot_of_bins
-from groupdir.model import ROUTES, DIRNet, Output, route
+from groupdir.losses import group_contrastive_loss, group_loss, label_weights, regression_loss
+from groupdir.metrics import format_shot_table
+from groupdir.model import DIRNet, Output, forward
 
 CHECKPOINT = "checkpoint.pt"   # run folder: the best-on-validation model, what `groupdir eval` reads
 RESULTS = "results.json"
@@ -127,7 +126,7 @@ def preflight(cfg: Config) -> str:
     if not cfg.data:
         raise ConfigError("no data: pass --data DATA (FFCV shards or a DIR data root)")
     labels = train_labels(cfg)
-    groups_and_weights(cfg, labels)  # raises on more groups than labels, a bad LDS setting
+    supervision(cfg, labels)  # raises on more groups than labels, a bad LDS setting
     if len(labels) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training rows: no full batch")
     if is_shards_dir(cfg.data):
@@ -271,7 +270,8 @@ def train_worker(job: dict) -> None:
 
     # --- data and groups ------------------------------------------------------------------
     labels, loaders = open_data(cfg, rank=rank, world_size=world_size)
-    grouping, weigh = groups_and_weights(cfg, labels)
+    targets = supervision(cfg, labels)
+    grouping = targets.grouping
 
     # --- model, optimiser, and the state of a restarted run -------------------------------
     net = DIRNet(cfg.backbone, cfg.num_groups, grouped=cfg.method == "groupdir")
@@ -308,7 +308,7 @@ def train_worker(job: dict) -> None:
             for images, batch_labels, _ in loaders["train"]:
                 if step == cfg.fail_at_step and rank == world_size - 1:
                     inject_failure(Path(job["failure_marker"]))
-                values = train_step(cfg, model, optimizer, images, batch_labels, grouping, weigh, device)
+                values = train_step(cfg, model, optimizer, images, batch_labels, targets, device)
                 check_finite(values, epoch, step)
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -316,14 +316,12 @@ def train_worker(job: dict) -> None:
             seconds = time.perf_counter() - started
             batches = len(loaders["train"])
             sync_buffers(net)
-            val = evaluate(net, loaders["val"], grouping, labels, cfg, device)[0]["predicted"]
-            if math.isnan(val[cfg.select_metric]):
-                raise TrainingError(f"validation {cfg.select_metric} is NaN (no validation sample in that "
-                                    f"shot); pick another select_metric")
+            val, calibration = validate(net, loaders["val"], grouping, labels, cfg, device)
             improved = val[cfg.select_metric] < state["best_value"]
             if improved:
-                state["best_value"], state["best_epoch"], state["best_val"] = val[cfg.select_metric], epoch + 1, val
-                state["best_model"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                state.update(best_value=val[cfg.select_metric], best_epoch=epoch + 1, best_val=val,
+                             best_calibration=calibration.to_dict(),
+                             best_model={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
             state["history"].append({
                 "epoch": epoch + 1, "steps": step, "train_seconds": seconds,
                 "images_per_second": batches * cfg.batch_size / seconds,
@@ -335,17 +333,32 @@ def train_worker(job: dict) -> None:
                 if job["progress"]:
                     say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {sums['total'] / batches:.3f}  "
                         f"val MAE {val['mae/all']:.2f}  bMAE {val['bmae/all']:.2f}  group acc "
-                        f"{val['group_acc']:.3f}  {state['history'][-1]['images_per_second']:.0f} img/s"
-                        f"{'  *best' if improved else ''}")
+                        f"{val['group_acc']:.3f}  ({calibration.selected_route} route)  "
+                        f"{state['history'][-1]['images_per_second']:.0f} img/s{'  *best' if improved else ''}")
+
+        # --- after training, on validation only: re-train the classifier, calibrate the routes -
+        net.load_state_dict(state["best_model"])
+        retraining = {}
+        if cfg.crt_epochs and cfg.method == "groupdir":
+            from groupdir.crt import retrain_classifier
+
+            plain_train = open_data(cfg, ["train"], augmented=None, rank=rank, world_size=world_size)[1]["train"]
+            retraining = retrain_classifier(net, plain_train, grouping, targets.group_log_prior, cfg, device)
+            state["best_model"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            state["best_val"], calibration = validate(net, loaders["val"], grouping, labels, cfg, device, retrained=True)
+            state["best_calibration"] = calibration.to_dict()
+        calibration = Calibration.from_dict(state["best_calibration"])
 
         # --- one test evaluation of the best-on-validation model --------------------------
-        net.load_state_dict(state["best_model"])
-        results, arrays = evaluate(net, loaders["test"], grouping, labels, cfg, device)
-        results.update(best_epoch=state["best_epoch"], steps=step, workers=world_size, nodes=nodes)
+        outputs = predict(net, loaders["test"], device)
+        results = route_metrics(outputs, grouping, labels, cfg, calibration)
+        # validation: the delivered model's validation metrics (what a sweep ranks it by)
+        results.update(validation=state["best_val"], classifier_retraining=retraining,
+                       best_epoch=state["best_epoch"], steps=step, workers=world_size, nodes=nodes)
         state["results"] = results
         report(state, rank, cfg, net, optimizer, grouping, labels)
         if logger and not logger.final_logged():
-            log_final_artifacts(logger, cfg, results, arrays, labels, grouping, state)
+            log_final_artifacts(logger, cfg, results, outputs, labels, grouping, state)
     except TrainingError as err:  # deterministic: every worker sees it at the same step; no retry
         state[STOPPED] = {"message": str(err)}
         report(state, rank, cfg)
@@ -354,25 +367,30 @@ def train_worker(job: dict) -> None:
             logger.close()
 
 
-def groups_and_weights(cfg: Config, train_labels: np.ndarray):
-    """The label groups and the regression re-weighting (None for none) the config asks for."""
+@dataclasses.dataclass(frozen=True)
+class Supervision:
+    """What the training labels give the losses: their groups, the regression weights (None for
+    none), and the log group prior of the classifier's targets (the balanced losses add it)."""
+    grouping: Grouping
+    weigh: Callable[[np.ndarray], np.ndarray] | None
+    group_log_prior: torch.Tensor
+
+
+def supervision(cfg: Config, train_labels: np.ndarray) -> Supervision:
     label_range = (cfg.label_min, cfg.label_max) if cfg.label_min is not None else None
     grouping = make_grouping(train_labels, cfg.num_groups, cfg.grouping, label_range)
     weigh = label_weights(train_labels, cfg.reweight, cfg.lds, cfg.lds_kernel, cfg.lds_ks,
                           cfg.lds_sigma, cfg.label_bin_width)
-    return grouping, weigh
+    log_prior = torch.as_tensor(np.log(label_prior(train_labels, grouping, cfg)), dtype=torch.float32)
+    return Supervision(grouping, weigh, log_prior)
 
 
-def train_step(cfg: Config, model, optimizer, images, labels, grouping: Grouping, weigh, device) -> dict[str, float]:
+def train_step(cfg: Config, model, optimizer, images, labels, targets: Supervision, device) -> dict[str, float]:
     """One optimizer step of paper Eq. 5; returns each loss term averaged over the workers."""
-    groups = torch.as_tensor(grouping.assign(labels.numpy()), device=device)
-    weights = torch.as_tensor(weigh(labels.numpy()), device=device) if weigh else None
-    images = normalize(images.to(device, non_blocking=True))
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        output = model(images)
-    terms = loss_terms(cfg, output, labels.to(device, torch.float32), groups, weights)
+    groups = torch.as_tensor(targets.grouping.assign(labels.numpy()), device=device)
+    weights = torch.as_tensor(targets.weigh(labels.numpy()), device=device) if targets.weigh else None
+    output = forward(model, images, device)
+    terms = loss_terms(cfg, output, labels.to(device, torch.float32), groups, weights, targets.group_log_prior)
     values = mean_over_workers(torch.stack([term.detach() for term in terms.values()])).tolist()
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
@@ -381,7 +399,7 @@ def train_step(cfg: Config, model, optimizer, images, labels, grouping: Grouping
 
 
 def loss_terms(cfg: Config, output: Output, labels: torch.Tensor, groups: torch.Tensor,
-               weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+               weights: torch.Tensor | None, group_log_prior: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Paper Eq. 5: lambda_grc * L_grc + lambda_reg * L_reg + lambda_soft * L_cls, term by term,
     in float32 whatever the autocast precision of the forward pass."""
     experts = output.experts.float()
@@ -391,7 +409,9 @@ def loss_terms(cfg: Config, output: Output, labels: torch.Tensor, groups: torch.
     # Training regresses every sample with its TRUE group's expert.
     reg = regression_loss(experts.gather(1, groups[:, None]).squeeze(1), labels, cfg.reg_loss, weights)
     logits = output.group_logits.float()
-    cls = soft_label_loss(logits, groups, cfg.beta) if cfg.group_loss == "soft" else F.cross_entropy(logits, groups)
+    cls = group_loss(logits, groups, cfg.group_loss, cfg.beta, group_log_prior)
+    if cfg.soft_reduction == "sum":  # the authors' code summed over its batch: B x the mean, B the global batch
+        cls = cls * cfg.batch_size
     terms = {"reg": reg, "cls": cls}
     total = cfg.lambda_reg * reg + cfg.lambda_soft * cls
     if cfg.lambda_grc > 0:
@@ -404,57 +424,31 @@ def loss_terms(cfg: Config, output: Output, labels: torch.Tensor, groups: torch.
     return {"total": total, **terms}
 
 
-@torch.no_grad()
-def evaluate(net: DIRNet, loader, grouping: Grouping, train_labels: np.ndarray, cfg: Config,
-             device: torch.device) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """Shot and group metrics per route (vanilla has only the predicted route), over the whole split:
-    each worker predicts its slice and the slices are gathered. Also returns the per-sample arrays."""
-    net.eval()
-    routes = ROUTES if cfg.method == "groupdir" else ("predicted",)
-    pieces: dict[str, list] = {name: [] for name in (*routes, "chosen", "target", "rows")}
-    for images, labels, rows in loader:
-        images = normalize(images.to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            output = net(images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images)
-        groups = torch.as_tensor(grouping.assign(labels.numpy()), device=device)
-        for name in routes:
-            pieces[name].append(route(output, name, groups).float().cpu().numpy())
-        if output.group_logits is not None:
-            pieces["chosen"].append(output.group_logits.argmax(dim=1).cpu().numpy())
-        pieces["target"].append(labels.numpy())
-        pieces["rows"].append(np.asarray(rows))
-    arrays = {name: np.concatenate(values) for name, values in pieces.items() if values and name != "rows"}
-    arrays = gather_rows(arrays, np.concatenate(pieces["rows"]))
-    target = arrays["target"]
-    true_groups = grouping.assign(target)
-    shots = shot_of_bins(label_bins(target, cfg.label_bin_width), train_labels, cfg.many_shot, cfg.few_shot,
-                         cfg.label_bin_width)
-    results = {}
-    for name in routes:
-        metrics = shot_metrics(arrays[name], target, train_labels, cfg.many_shot, cfg.few_shot, cfg.label_bin_width)
-        if name == "oracle":
-            used_groups = true_groups
-        elif "chosen" in arrays:
-            used_groups = arrays["chosen"]
-        else:  # vanilla: the group its predicted value falls into
-            used_groups = grouping.assign(arrays[name])
-        results[name] = {**metrics, **group_metrics(used_groups, true_groups, shots)}
-    return results, arrays
+def validate(net: DIRNet, loader, grouping: Grouping, train_labels: np.ndarray, cfg: Config,
+             device: torch.device, retrained: bool = False) -> tuple[dict[str, float], Calibration]:
+    """The validation metrics of the route validation selects (with the calibration it chose), and
+    each test route's select_metric beside them (ROUTE/METRIC). `retrained`: after crt.py."""
+    outputs = predict(net, loader, device)
+    calibration = calibrate(outputs, grouping, train_labels, cfg, retrained)
+    results = route_metrics(outputs, grouping, train_labels, cfg, calibration)
+    val = dict(results[calibration.selected_route])
+    if math.isnan(val[cfg.select_metric]):
+        raise TrainingError(f"validation {cfg.select_metric} is NaN (no validation sample in that "
+                            f"shot); pick another select_metric")
+    for name in TEST_ROUTES if cfg.method == "groupdir" else ():
+        val[f"{name}/{cfg.select_metric}"] = results[name][cfg.select_metric]
+    val.update(tau=calibration.tau, soft_tau=calibration.soft_tau, route_temperature=calibration.route_temperature)
+    return val, calibration
 
 
 def init_regressor_bias(model: DIRNet, train_labels: np.ndarray, grouping: Grouping) -> None:
     """Start each regressor at its label prior (the mean training label of its group, the overall
     mean for vanilla), so short runs spend their steps on features rather than on offsets."""
-    labels = np.asarray(train_labels)
     with torch.no_grad():
         if model.classifier is None:
-            model.experts.bias.fill_(float(labels.mean()))
-            return
-        groups = grouping.assign(labels)
-        for g in range(grouping.num_groups):
-            members = labels[groups == g]
-            centre = members.mean() if len(members) else (grouping.edges[g] + grouping.edges[g + 1]) / 2
-            model.experts.bias[g] = float(centre)
+            model.experts.bias.fill_(float(np.mean(train_labels)))
+        else:
+            model.experts.bias.copy_(torch.as_tensor(group_centroids(train_labels, grouping)))
 
 
 def check_finite(values: dict[str, float], epoch: int, step: int) -> None:
@@ -496,7 +490,7 @@ def report(state: dict, rank: int, cfg: Config, net: DIRNet | None = None, optim
             torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                         **{k: state[k] for k in ("epoch", "step", "history", "best_value", "best_epoch")}},
                        folder / STATE)
-            save_checkpoint(folder / CHECKPOINT, state["best_model"], cfg, grouping, labels, state["best_epoch"], state["best_val"])
+            save_checkpoint(folder / CHECKPOINT, state, cfg, grouping, labels)
             (folder / HISTORY).write_text(json.dumps(state["history"]))
             if "results" in state:
                 (folder / RESULTS).write_text(json.dumps(state["results"]))
@@ -506,7 +500,7 @@ def report(state: dict, rank: int, cfg: Config, net: DIRNet | None = None, optim
 def restore(checkpoint, net: DIRNet, optimizer) -> dict:
     """The state to start from: fresh, or the latest checkpoint of a restarted or resumed run."""
     state = {"epoch": 0, "step": 0, "history": [], "best_value": math.inf, "best_epoch": 0, "best_val": {},
-             "best_model": {}}
+             "best_model": {}, "best_calibration": {}}
     if checkpoint is None:
         return state
     with checkpoint.as_directory() as folder:
@@ -518,17 +512,18 @@ def restore(checkpoint, net: DIRNet, optimizer) -> dict:
     net.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     state.update({k: saved[k] for k in ("epoch", "step", "history", "best_value", "best_epoch")})
-    state.update(best_model=best["model"], best_val=best["val"])
+    state.update(best_model=best["model"], best_val=best["val"], best_calibration=best["calibration"])
     return state
 
 
-def save_checkpoint(path: Path, weights: dict, cfg: Config, grouping: Grouping, train_labels, epoch: int,
-                    val: dict) -> None:
-    state = {"model": weights, "config": cfg.to_dict(), "group_edges": list(grouping.edges),
+def save_checkpoint(path: Path, state: dict, cfg: Config, grouping: Grouping, train_labels) -> None:
+    """The best-on-validation model in `groupdir eval`'s format, with the calibration chosen for it."""
+    saved = {"model": state["best_model"], "calibration": state["best_calibration"], "config": cfg.to_dict(),
+             "group_edges": list(grouping.edges),
              "train_labels": torch.as_tensor(np.asarray(train_labels), dtype=torch.float64),
-             "epoch": epoch, "val": val, "version": __version__}
+             "epoch": state["best_epoch"], "val": state["best_val"], "version": __version__}
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    torch.save(saved, tmp)
     os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint behind
 
 
@@ -541,20 +536,21 @@ def load_checkpoint(path: str | Path) -> dict:
         raise TrainingError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
 
 
-def log_final_artifacts(logger, cfg: Config, results: dict, arrays: dict, train_labels, grouping: Grouping,
+def log_final_artifacts(logger, cfg: Config, results: dict, outputs: Outputs, train_labels, grouping: Grouping,
                         state: dict) -> None:
-    """Rank 0: the test shot table, the three plots, the config, meta.json and the best checkpoint."""
+    """Rank 0: the test shot table, the plots of the selected route, the config, meta.json and the
+    best checkpoint."""
     from groupdir import plots
 
-    figures = {"per_label_mae": plots.per_label_error(arrays["predicted"], arrays["target"], train_labels,
-                                                       cfg.label_bin_width),
-               "predicted_vs_true": plots.predicted_vs_true(arrays["predicted"], arrays["target"])}
-    if "chosen" in arrays:
-        figures["group_confusion"] = plots.group_confusion(arrays["chosen"], grouping.assign(arrays["target"]),
-                                                           grouping.num_groups)
+    selected = results["selected_route"]
+    value, groups = route_values(outputs, grouping, train_labels, Calibration.from_dict(state["best_calibration"]))[selected]
+    figures = {"per_label_mae": plots.per_label_error(value, outputs.target, train_labels, cfg.label_bin_width),
+               "predicted_vs_true": plots.predicted_vs_true(value, outputs.target, selected)}
+    if outputs.logits is not None:
+        figures["group_confusion"] = plots.group_confusion(groups, grouping.assign(outputs.target), grouping.num_groups)
     with tempfile.TemporaryDirectory(prefix="groupdir-artifacts-") as folder:
         best = Path(folder) / CHECKPOINT
-        save_checkpoint(best, state["best_model"], cfg, grouping, train_labels, state["best_epoch"], state["best_val"])
+        save_checkpoint(best, state, cfg, grouping, train_labels)
         files = [best] + ([Path(cfg.data) / META] if is_shards_dir(cfg.data) else [])
         logger.log_final(results, cfg.to_dict(), format_shot_table({cfg.method: results}), figures, files)
 
@@ -578,15 +574,19 @@ def say(line: str) -> None:
 
 def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_size: int | None = None,
                         device: str | None = None) -> dict:
-    """`groupdir eval`: the checkpoint's model on a split of a data root, every route, one process."""
+    """`groupdir eval`: the checkpoint's model on a split of a data root, every route, with the
+    calibration chosen on validation when it was trained; one process."""
     state = load_checkpoint(path)
-    cfg = load_config(overrides={**state["config"], "data": str(data)})
+    if "calibration" not in state:
+        raise TrainingError(f"checkpoint {path} has no route calibration (it predates groupdir "
+                            f"{__version__}); train it again")
+    cfg = load_config(overrides={**state["config"], "data": str(data),
+                                 **({"batch_size": batch_size} if batch_size else {})})
     model = DIRNet(cfg.backbone, cfg.num_groups, grouped=cfg.method == "groupdir")
     model.load_state_dict(state["model"])
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(target_device)
-    if batch_size:
-        cfg.batch_size = batch_size
     loader = open_data(cfg, [split], augmented=None)[1][split]
-    grouping = Grouping(tuple(state["group_edges"]))
-    return evaluate(model, loader, grouping, state["train_labels"].numpy(), cfg, target_device)[0]
+    outputs = predict(model, loader, target_device)
+    return route_metrics(outputs, Grouping(tuple(state["group_edges"])), state["train_labels"].numpy(), cfg,
+                         Calibration.from_dict(state["calibration"]))

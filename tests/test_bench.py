@@ -2,39 +2,77 @@ import json
 
 import pytest
 
-from groupdir.bench import METHODS, bench_method, claims
+import numpy as np
+
+from groupdir.bench.method import METHODS, bench_method, method_table, paired, slug, verdict
+from groupdir.errors import ConfigError
 
 
-def test_bench_method_writes_a_table_with_every_method_and_the_claims(tmp_path):
+@pytest.mark.slow
+def test_bench_method_pairs_seeds_and_gives_a_verdict_per_claim(tmp_path):
+    # Two of the four methods keep it short; the packaged configs themselves are tested in test_cli.
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    table = bench_method(tmp_path, seeds=1, train_size=300, epochs=1,
-                         overrides=["image_size=16", "batch_size=64", "num_groups=5"], tracking_uri=tracking)
+    tiny = ["image_size=16", "batch_size=64", "num_groups=5"]
+    methods = ["vanilla", "Group-DIR (calibrated)"]
+    table = bench_method(tmp_path, seeds=2, train_size=300, epochs=1, overrides=tiny, tracking_uri=tracking,
+                         methods=methods)
     assert (tmp_path / "method.md").read_text() == table
     for name in METHODS:
-        assert f"| {name} |" in table
-    assert "soft labels beat cross-entropy in group accuracy" in table
+        assert (f"| {name} |" in table) == (name in methods)
+    for route in ("predicted", "adjusted_soft", "oracle", "centroid"):
+        assert f"| Group-DIR (calibrated) | {route} |" in table
+    assert "- Group-DIR (calibrated) lowers mae/few vs vanilla: " in table
+    assert "vs SQINV + LDS" not in table  # no comparison with a method that did not run
+    assert "Group-DIR (calibrated): validation chose seed 0: " in table
     raw = json.loads((tmp_path / "method.json").read_text())
-    assert set(raw) == set(METHODS) and all(len(runs) == 1 for runs in raw.values())
+    assert list(raw) == methods and all(len(runs) == 2 for runs in raw.values())
+    # Seeds are paired: seed s of every method trained with seed=s.
+    for name in methods:
+        for seed in (0, 1):
+            config = json.loads((tmp_path / "runs" / f"{slug(name)}-seed{seed}" / "run.json").read_text())["config"]
+            assert config["seed"] == seed and config["epochs"] == 1
     # A second call resumes: every run is already finished, nothing is retrained.
     before = {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
-    bench_method(tmp_path, seeds=1, train_size=300, epochs=1,
-                 overrides=["image_size=16", "batch_size=64", "num_groups=5"], tracking_uri=tracking)
+    bench_method(tmp_path, seeds=2, train_size=300, epochs=1, overrides=tiny, tracking_uri=tracking, methods=methods)
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
+    with pytest.raises(FileExistsError, match="other settings"):
+        bench_method(tmp_path, seeds=2, train_size=300, epochs=2, overrides=tiny, tracking_uri=tracking,
+                     methods=methods)
+    with pytest.raises(ConfigError, match="vanilla missing"):
+        bench_method(tmp_path / "other", methods=["Group-DIR (paper)"])
 
 
-def test_claims_verdicts_follow_the_numbers():
-    def run(few, median, acc):
-        return {"predicted": {"mae/few": few, "mae/median": median, "group_acc": acc}}
-
-    results = {"Group-DIR": [run(5, 3, 0.6)], "vanilla": [run(9, 2, 0.3)], "Group-DIR, CE labels": [run(6, 3, 0.7)]}
-    lines = claims(results)
-    assert "few-shot MAE vs vanilla: holds" in lines[1]
-    assert "median-shot MAE vs vanilla: does NOT hold" in lines[0]
-    results["vanilla"][0]["predicted"]["mae/median"] = None  # an empty shot, as results.json stores it
-    assert "cannot be tested" in claims(results)[0]
-    assert "group accuracy: does NOT hold" in lines[2]
+def fake_run(route: str, **metrics) -> dict:
+    values = {"mae/all": 8.0, "mae/many": 5.0, "mae/median": 6.0, "mae/few": 12.0, "bmae/all": 10.0, **metrics}
+    return {"selected_route": route, route: values, "calibration": {"shift": [], "tau": 0, "soft_tau": 0,
+                                                                     "route_temperature": 1}}
 
 
+def test_a_claim_holds_only_beyond_two_standard_errors():
+    ours = [fake_run("adjusted_soft", **{"mae/few": few}) for few in (9.0, 9.5, 10.0)]
+    theirs = [fake_run("predicted", **{"mae/few": few}) for few in (12.0, 12.1, 11.9)]
+    mean, error = paired(ours, theirs, "mae/few")
+    differences = np.array([9.0 - 12.0, 9.5 - 12.1, 10.0 - 11.9])
+    assert mean == pytest.approx(differences.mean()) and error == pytest.approx(differences.std(ddof=1) / 3 ** 0.5)
+    assert verdict(mean, error) == "holds"
+    assert verdict(-0.5, 0.3).startswith("does NOT hold (within")
+    assert verdict(1.0, 0.1).startswith("does NOT hold (the baseline is better")
+    assert verdict(-1.0, float("nan")) == "cannot be decided with one seed"
+    noisy = [fake_run("predicted", **{"mae/few": few}) for few in (6.0, 12.0, 17.0)]
+    assert verdict(*paired(noisy, theirs, "mae/few")).startswith("does NOT hold (within")
+
+
+def test_method_table_reads_each_methods_headline_route():
+    results = {"vanilla": [fake_run("predicted")] * 2, "SQINV + LDS": [fake_run("predicted")] * 2,
+               "Group-DIR (calibrated)": [fake_run("adjusted", **{"mae/few": 6.0, "mae/many": 5.2}),
+                                          fake_run("adjusted", **{"mae/few": 6.2, "mae/many": 5.3})]}
+    table = method_table(results, 4000, 3, [], 1.0)
+    assert "- Group-DIR (calibrated) lowers mae/few vs vanilla: holds (-5.90 +- 0.10)" in table
+    assert "few-shot MAE at most 0.85x vanilla's: met (0.51x)" in table
+    assert "many-shot MAE at most 1.10x vanilla's: met (1.05x)" in table
+
+
+@pytest.mark.slow
 def test_bench_loader_measures_every_loader_side_by_side(tmp_path):
     from groupdir.bench import LOADER_ENCODINGS, bench_loader
 
@@ -46,6 +84,7 @@ def test_bench_loader_measures_every_loader_side_by_side(tmp_path):
     assert (tmp_path / "loader.md").read_text() == table
 
 
+@pytest.mark.slow
 def test_bench_train_prints_per_worker_rates_and_scaling(tmp_path):
     from groupdir.bench import bench_train
 
@@ -60,6 +99,7 @@ def test_bench_train_prints_per_worker_rates_and_scaling(tmp_path):
     assert float(rows[1][3]) == pytest.approx(float(rows[1][2]) / float(rows[0][2]), abs=0.01)
 
 
+@pytest.mark.slow
 def test_bench_ceiling_compares_the_loader_with_a_resident_batch(tmp_path):
     from groupdir.bench import bench_ceiling
 
@@ -71,6 +111,7 @@ def test_bench_ceiling_compares_the_loader_with_a_resident_batch(tmp_path):
     assert "Loader overhead:" in text and (tmp_path / "ceiling.md").read_text() == text
 
 
+@pytest.mark.slow
 def test_bench_loss_times_every_backend_beside_the_matmul_floor(tmp_path):
     from groupdir.bench import bench_loss
 

@@ -2,8 +2,11 @@ import json
 
 import pytest
 import ray
+import torch
 
 from groupdir.cli import main
+
+pytestmark = pytest.mark.slow  # every test runs the CLI end to end
 
 
 @pytest.fixture(autouse=True)
@@ -16,10 +19,12 @@ def tracking(tmp_path, monkeypatch):
 
 def test_synth_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_synth), "--out", str(run), "epochs=1", "batch_size=64",
-                 "num_groups=4"]) == 0
+    assert main(["train", "--data", str(tiny_synth), "--out", str(run), "--config", "paper", "epochs=1",
+                 "batch_size=64", "num_groups=4"]) == 0
     out = capsys.readouterr().out
-    assert "groupdir (predicted route)" in out and "oracle route" in out
+    assert "groupdir (predicted route)" in out  # the packaged paper config routes by the predicted group
+    for route in ("adjusted tau", "adjusted_soft tau", "oracle", "centroid"):
+        assert f"  {route}" in out, route
     assert (run / "results.json").is_file() and (run / "checkpoint.pt").is_file()
 
     # A finished run is not overwritten without --force.
@@ -28,7 +33,9 @@ def test_synth_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
 
     assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
                  "--split", "val", "--json", str(tmp_path / "val.json")]) == 0
-    assert "mae/all" in json.loads((tmp_path / "val.json").read_text())["predicted"]
+    assert "adjusted_soft tau" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "val.json").read_text())
+    assert "mae/all" in evaluated["predicted"] and evaluated["selected_route"] == "predicted"
     assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
                  "--json", str(tmp_path / "val.json")]) == 2
     assert "pass --force" in capsys.readouterr().err
@@ -37,9 +44,17 @@ def test_synth_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(tiny_synth)]) == 2
     assert "cannot be loaded" in capsys.readouterr().err
+    # One from before routes were calibrated is refused, not evaluated with made-up settings.
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["calibration"]
+    torch.save(state, tmp_path / "old.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "old.pt"), "--data", str(tiny_synth)]) == 2
+    assert "old.pt has no route calibration" in capsys.readouterr().err
 
 
 def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--config", "papr"]) == 2
+    assert "no packaged config of that name; packaged: authors, calibrated, paper" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "num_groups=banana"]) == 2
     assert "num_groups='banana': expected an integer" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2

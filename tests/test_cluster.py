@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from groupdir.cli import build_parser, load_training_config
 from groupdir.data.shards import Encoding, prepare, read_meta
 from groupdir.train import train
+
+pytestmark = pytest.mark.slow
 
 CLUSTER = Path(__file__).parents[1] / "cluster"
 

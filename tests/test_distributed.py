@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -63,6 +64,7 @@ def _spawned(rank, store, outs):
     _rank(rank, store, outs[rank])
 
 
+@pytest.mark.slow
 def test_global_contrast_equals_one_process_on_the_concatenated_batch(tmp_path):
     outs = [str(tmp_path / f"rank{r}.json") for r in range(WORLD)]
     mp.spawn(_spawned, args=(str(tmp_path / "store"), outs), nprocs=WORLD)

@@ -54,6 +54,12 @@ def test_group_metrics_and_table():
     assert per_shot["group_acc/many"] == 1.0 and per_shot["group_acc/few"] == 0.5
     assert math.isnan(per_shot["group_acc/median"])
     m = shot_metrics([1, 2, 3], [1, 2, 3.5], TRAIN)
-    result = {"predicted": {**m, "group_acc": 0.5, "group_dist": 1.0}, "oracle": {**m, "group_acc": 1.0, "group_dist": 0.0}}
-    table = format_shot_table({"a": result, "b": result})
-    assert "few" in table and "oracle route" in table and table.count("(predicted route)") == 2
+    result = {"predicted": {**m, "group_acc": 0.5, "group_dist": 1.0}, "oracle": {**m, "group_acc": 1.0, "group_dist": 0.0},
+              "adjusted": {**m, "group_acc": 0.7, "group_dist": 0.5}, "selected_route": "adjusted",
+              "calibration": {"shift": [0.0], "tau": 0.8, "soft_tau": 1.0, "route_temperature": 0.5}}
+    vanilla = {"predicted": {**m, "group_acc": 0.4, "group_dist": 1.2}, "selected_route": "predicted"}
+    table = format_shot_table({"a": result, "b": vanilla})
+    assert "a (adjusted route)" in table and "b (predicted route)" in table  # each run's selected route
+    assert "acc 0.70" in table and "acc 0.40" in table
+    assert "adjusted tau 0.8 *" in table and "true group picks the expert; not a test result" in table
+    assert "b, every route" not in table  # one route: nothing to list

@@ -19,7 +19,7 @@ from groupdir.cli import main
 from groupdir.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"epochs": 3, "image_size": 16, "batch_size": 64, "num_groups": 5}
+TINY = {"epochs": 2, "image_size": 16, "batch_size": 64, "num_groups": 5}
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +62,12 @@ def val_history(client, run, metric="val/bmae/all"):
     ({"num_groups": {"choice": [1, 5]}}, "the value 1 is refused: method=groupdir needs num_groups >= 2"),
     ({"workers": {"choice": [1, 2]}}, "workers is the same for every trial"),
     ({"epochs": {"choice": [2, 3]}}, "epochs is both searched and fixed"),
+    ({"head": {"choice": {"a": {"group_los": "ce"}}}}, "unknown config key 'group_los'"),
+    ({"head": {"choice": {"a": {"epochs": 3}}}}, "epochs is both searched and fixed"),
+    ({"beta": {"choice": {"a": {"group_loss": "ce"}}}}, "a bundle's name must not be a config key"),
+    ({"head": {"choice": {"a": {"beta": 2.0}}}, "beta": {"uniform": [0.5, 1.0]}}, "beta is searched twice"),
+    ({"head": {"choice": {"a": "ce"}}}, "maps each name to a mapping of config keys"),
+    ({"head": {"choice": {"a": {"group_loss": "cross"}}}}, "the value 'a' is refused: group_loss='cross'"),
 ])
 def test_bad_spaces_are_refused_naming_file_and_key(tmp_path, space, message):
     path = space_file(tmp_path, space, fixed={"epochs": 2})
@@ -70,6 +76,7 @@ def test_bad_spaces_are_refused_naming_file_and_key(tmp_path, space, message):
     assert message in str(refused.value) and "space.yaml" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_bad_space_stops_the_command_before_ray_and_mlflow(shards, tmp_path, capsys):
     assert not ray.is_initialized()
     space = space_file(tmp_path, {"num_groups": {"choice": [5, 5000]}}, fixed={"epochs": 2})  # > labels
@@ -85,11 +92,17 @@ def test_a_bad_space_stops_the_command_before_ray_and_mlflow(shards, tmp_path, c
     assert "cannot read search space" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quick", "groups", "paper", "full"])
+@pytest.mark.parametrize("name", ["quick", "groups", "paper", "full", "method"])
 def test_shipped_spaces_are_valid(name):
     spec = sweep.load_space(REPO / "tune" / f"{name}.yaml")
     cfg = sweep.sweep_config(spec, [])
     assert spec.total_trials >= (8 if name != "paper" else 32)
+    soft_weights = [p.values for p in spec.params if p.key == "lambda_soft"]
+    assert all(high >= 128 for _, high in soft_weights)  # the authors' summed loss, in our mean convention
+    if name == "method":
+        contrast = next(p for p in spec.params if p.key == "contrast")
+        assert {"similarity": "euclidean", "temperature": 0.07} in contrast.bundles.values()
+        assert cfg.select_route == "auto"
     if name == "groups":
         assert spec.params[0].values == [2, 5, 10, 15, 20, 25, 40, 50] and spec.grace_period == 0
     if name == "quick":
@@ -122,8 +135,11 @@ def test_asha_never_judges_a_trials_last_epoch():
 
 # ------------------------------------- sweeps on Ray -------------------------------------
 
+@pytest.mark.slow
 def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, local_ray, capsys):
-    space = space_file(tmp_path, {"num_groups": {"choice": [2, 5]}, "temperature": {"loguniform": [0.1, 5.0]}},
+    heads = {"ce": {"group_loss": "ce", "beta": 2.0}, "soft": {"group_loss": "soft", "beta": 0.5}}
+    space = space_file(tmp_path, {"num_groups": {"choice": [2, 5]}, "temperature": {"loguniform": [0.1, 5.0]},
+                                  "head": {"choice": heads}},
                        fixed={k: v for k, v in TINY.items() if k != "num_groups"}, trials=4)
     assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 0
     assert "best on validation" in capsys.readouterr().out
@@ -133,6 +149,8 @@ def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, lo
     assert len({child.data.params["temperature"] for child in children}) == 4, "Optuna drew the same point twice"
     for child in children:
         assert child.data.params["num_groups"] in ("2", "5") and 0.1 <= float(child.data.params["temperature"]) <= 5
+        bundle = heads[child.data.params["head"]]  # a bundle's name is the param; its keys reach the config
+        assert child.data.params["group_loss"] == bundle["group_loss"] and float(child.data.params["beta"]) == bundle["beta"]
         judged = val_history(client, child)[:int(child.data.tags.get("stopped_epoch", 99))]
         assert child.data.metrics["best_val/bmae/all"] == min(judged)
         if child.info.status == "FINISHED":
@@ -160,6 +178,7 @@ def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, lo
     assert "pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_failed_and_the_others_finish(shards, tmp_path, tracking, local_ray):
     # fail_at_step kills a worker; with max_failures=0 Ray Train gives the trial up.
     space = space_file(tmp_path, {"fail_at_step": {"grid": [-1, 3]}}, fixed={**TINY, "epochs": 2, "max_failures": 0},
@@ -174,11 +193,12 @@ def test_a_failing_trial_is_failed_and_the_others_finish(shards, tmp_path, track
     assert parent.data.metrics["trials/failed"] == 1 and parent.data.metrics["trials/finished"] == 1
 
 
+@pytest.mark.slow
 def test_asha_stops_a_trial_that_falls_behind(shards, tmp_path, tracking, local_ray):
     # One trial at a time, in grid order: a sane lr, then lr=10, whose first epoch leaves the network's
     # outputs far off every label. At the first rung (epoch 1) it is worse than the only other
     # result, so ASHA must stop it; the sane trial is first at its rungs and goes on.
-    space = space_file(tmp_path, {"lr": {"grid": [0.002, 10.0]}}, fixed={**TINY, "epochs": 6},
+    space = space_file(tmp_path, {"lr": {"grid": [0.002, 10.0]}}, fixed={**TINY, "epochs": 4},
                        asha={"grace_period": 1, "reduction_factor": 2})
     assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep"),
                  "--max-concurrent", "1"]) == 0
@@ -188,13 +208,14 @@ def test_asha_stops_a_trial_that_falls_behind(shards, tmp_path, tracking, local_
     stopped, kept = by_lr[10.0], by_lr[0.002]
     assert stopped.info.status == "KILLED" and stopped.data.tags["stopped_early"] == "ASHA after epoch 1"
     assert stopped.data.tags["stopped_epoch"] == "1"
-    assert len(val_history(client, stopped)) < 6 and "test/mae/all" not in stopped.data.metrics
-    assert kept.info.status == "FINISHED" and len(val_history(client, kept)) == 6
+    assert len(val_history(client, stopped)) < 4 and "test/mae/all" not in stopped.data.metrics
+    assert kept.info.status == "FINISHED" and len(val_history(client, kept)) == 4
     assert parent.data.metrics["trials/stopped_early"] == 1
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, tracking, local_ray):
-    space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 6},
+    space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 4},
                        trials=3, asha=False)
     command = ["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep"), "--max-concurrent", "1"]
     process = subprocess.Popen([sys.executable, "-m", "groupdir.cli", *command], cwd=tmp_path, text=True,
@@ -207,7 +228,7 @@ def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, t
             break
     second = seen[-1].split()[0]
     client = MlflowClient(tracking)
-    for _ in range(120):  # ... and trained an epoch of its 6: Ctrl-C
+    for _ in range(120):  # ... and trained an epoch of its 4: Ctrl-C
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.trial_id = '{second}'")
         if runs and client.get_metric_history(runs[0].info.run_id, "epoch"):
             break
@@ -234,4 +255,4 @@ def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, t
     assert ids[first.info.run_id].info.end_time == first.info.end_time, "a finished trial ran again"
     for child in children:  # every epoch logged exactly once, the interrupted trial's too
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
-        assert sorted(steps) == [1, 2, 3, 4, 5, 6], (child.data.tags["trial_id"], steps)
+        assert sorted(steps) == [1, 2, 3, 4], (child.data.tags["trial_id"], steps)

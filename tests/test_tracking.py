@@ -37,12 +37,22 @@ def test_epochs_already_in_mlflow_are_not_logged_again(tmp_path):
         logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
         logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
         assert not logger.final_logged()
-        logger.log_final({"predicted": {"mae/all": 1.5, "mae/few": float("nan")}}, {"lr": 0.1}, "table", {}, [])
+        results = {"predicted": {"mae/all": 1.5, "mae/few": float("nan")}, "adjusted": {"mae/all": 1.2},
+                   "oracle": {"mae/all": 0.4}, "selected_route": "adjusted",
+                   "calibration": {"shift": [0.1, -0.1], "tau": 0.7, "soft_tau": 1.0, "route_temperature": 0.5,
+                                   "selected_route": "adjusted"},
+                   "validation": {"bmae/all": 2.5}, "classifier_retraining": {"crt/steps": 30},
+                   "best_epoch": 2, "steps": 20}
+        logger.log_final(results, {"lr": 0.1}, "table", {}, [])
         assert logger.final_logged()  # a resumed driver's workers skip the final logging
     finally:
         logger.close()
     client = MlflowClient(uri)
-    assert client.get_run(run_id).data.metrics["test/mae/all"] == 1.5
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["test/mae/all"] == 1.2 and client.get_run(run_id).data.tags["selected_route"] == "adjusted"
+    assert metrics["test/predicted/mae/all"] == 1.5 and metrics["test/oracle/mae/all"] == 0.4
+    assert metrics["calibration/tau"] == 0.7 and metrics["best_val/bmae/all"] == 2.5 and metrics["crt/steps"] == 30
+    assert not any(key.startswith(("test/validation", "test/calibration", "test/classifier")) for key in metrics)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/total")] == [(1, 3.0), (2, 2.0)]
     # epoch 3's NaN is left out (MLflow cannot plot it); its other metrics are there
     assert [m.step for m in client.get_metric_history(run_id, "val/mae/all")] == [3]

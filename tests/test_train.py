@@ -1,6 +1,7 @@
 """Training on a real local Ray: one and two DDP workers, MLflow contents, an injected worker crash,
 a diverging run."""
 
+import csv
 import json
 
 import numpy as np
@@ -10,13 +11,14 @@ from mlflow import MlflowClient
 
 from groupdir.config import load_config
 from groupdir.data.shards import read_meta
-from groupdir.train import TrainingError, check_finite, evaluate_checkpoint, train
+from groupdir.model import Output
+from groupdir.train import TrainingError, check_finite, evaluate_checkpoint, loss_terms, train
 
 SHARD_RUN = {"epochs": 2, "batch_size": 64, "image_size": 32, "num_groups": 5, "lr": 2e-3}
 STEPS_PER_EPOCH = 300 // 32  # 600 rows: 300 per worker, 32 per worker batch, last partial batch dropped
 
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +48,73 @@ def test_tiny_run_learns(tiny_synth, tmp_path, tracking, method):
     assert history[-1]["train/total"] < history[0]["train/total"], "training loss did not fall"
 
     # The checkpoint is chosen on VALIDATION (select_metric), never on test.
-    assert results["best_epoch"] == int(np.argmin([h["val/bmae/all"] for h in history])) + 1
     from groupdir.data import read_dir_table
     table = read_dir_table(tiny_synth)
     mean_baseline = np.abs(table.labels["val"] - table.labels["train"].mean()).mean()
     assert min(h["val/mae/all"] for h in history) < mean_baseline
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    routes = {"predicted", "soft", "oracle"} if method == "groupdir" else {"predicted"}
-    assert routes <= set(saved) and {"mae/few", "bmae/all", "group_acc"} <= set(saved["predicted"])
+    routes = {"predicted", "soft", "adjusted", "adjusted_soft", "oracle", "centroid"} if method == "groupdir" \
+        else {"predicted"}
+    assert routes == {key for key, value in saved.items()
+                      if isinstance(value, dict) and "mae/all" in value and key != "validation"}
+    assert saved["validation"]["bmae/all"] == min(h["val/bmae/all"] for h in history)  # validation, not test
+    assert {"mae/few", "bmae/all", "group_acc"} <= set(saved["predicted"])
     assert saved["predicted"]["n/all"] == table.size("test")  # every test row, once
+    # The headline route is the best on validation (the default select_route=auto); so is its epoch.
+    assert saved["selected_route"] in (("predicted", "soft", "adjusted", "adjusted_soft") if method == "groupdir"
+                                       else ("predicted",))
+    assert results["best_epoch"] == int(np.argmin([h["val/bmae/all"] for h in history])) + 1
     if method == "groupdir":
-        assert saved["oracle"]["group_acc"] == 1.0
+        assert saved["oracle"]["group_acc"] == 1.0 and saved["calibration"]["shift"]
+        for route in ("predicted", "soft", "adjusted", "adjusted_soft"):
+            assert f"val/{route}/bmae/all" in history[-1]
+        best = history[results["best_epoch"] - 1]
+        assert best["val/bmae/all"] == min(best[f"val/{route}/bmae/all"]
+                                           for route in ("predicted", "soft", "adjusted", "adjusted_soft"))
     # `groupdir eval` on the saved checkpoint reproduces the test metrics.
     again = evaluate_checkpoint(tmp_path / "checkpoint.pt", str(tiny_synth), "test", device="cpu")
     assert again["predicted"]["mae/all"] == pytest.approx(results["predicted"]["mae/all"], rel=1e-5)
+    assert again["calibration"] == results["calibration"]
+
+
+def test_calibration_never_sees_test_labels(tiny_synth, tmp_path, tracking):
+    """Two runs that differ only in the TEST split's labels (replaced by random ages: another order
+    and another histogram) pick the same epoch, route, tau and T, and re-train the same classifier;
+    only their test metrics differ."""
+    other = tmp_path / "other-test-labels"
+    other.mkdir()
+    (other / "images").symlink_to(tiny_synth / "images")
+    rows = list(csv.DictReader((tiny_synth / "synth_age.csv").open()))
+    rng = np.random.default_rng(0)
+    for row in rows:
+        if row["split"] == "test":
+            row["age"] = str(int(rng.integers(0, 100)))
+    with (other / "synth_age.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["age", "path", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = {"epochs": 2, "batch_size": 64, "image_size": 16, "num_groups": 5, "seed": 0, "crt_epochs": 1,
+                "tracking_uri": tracking}
+    results = {name: train(load_config(overrides={**settings, "data": str(root)}), tmp_path / name, progress=False)
+               for name, root in (("given", tiny_synth), ("other", other))}
+    given, changed = results["given"], results["other"]
+    def learned(name):  # the history without its timings
+        return [{key: value for key, value in epoch.items() if key not in ("train_seconds", "images_per_second")}
+                for epoch in json.loads((tmp_path / name / "history.json").read_text())]
+    assert learned("given") == learned("other")  # the same training, epoch by epoch
+    assert given["calibration"] == changed["calibration"] and given["best_epoch"] == changed["best_epoch"]
+    assert given["validation"] == changed["validation"]
+    given_head = torch.load(tmp_path / "given" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"]
+    other_head = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"]
+    torch.testing.assert_close(given_head, other_head)
+    assert given["predicted"]["mae/all"] != changed["predicted"]["mae/all"]
 
 
 def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
-    cfg = load_config(overrides={**SHARD_RUN, "data": str(shards), "workers": 2, "tracking_uri": tracking})
+    # With classifier re-training: rank 0 re-trains, and both workers must test the same classifier.
+    cfg = load_config(overrides={**SHARD_RUN, "data": str(shards), "workers": 2, "tracking_uri": tracking,
+                                 "crt_epochs": 3})
     results = train(cfg, tmp_path / "run", progress=False)
     assert results["workers"] == 2 and results["steps"] == 2 * STEPS_PER_EPOCH
     assert results["predicted"]["n/all"] == read_meta(shards)["rows"]["test"]  # the workers' test slices, gathered, every row once
@@ -81,18 +131,25 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     for key in ("val/mae/all", "val/bmae/all", "val/group_acc", "train/grc", "train/cls", "train/reg"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     metrics = run.data.metrics
-    assert metrics["test/mae/few"] == pytest.approx(results["predicted"]["mae/few"])
+    selected = results["selected_route"]
+    assert run.data.tags["selected_route"] == selected
+    assert metrics["test/mae/few"] == pytest.approx(results[selected]["mae/few"])  # the headline
+    for route in ("predicted", "soft", "adjusted", "adjusted_soft", "oracle", "centroid"):
+        assert metrics[f"test/{route}/bmae/all"] == pytest.approx(results[route]["bmae/all"]), route
     assert metrics["test/oracle/group_acc"] == 1.0
+    assert metrics["calibration/tau"] == results["calibration"]["tau"]
     assert any(key.startswith("system/cpu") for key in metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint.pt", "config.yaml", "meta.json", "test_shot_table.md", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/per_label_mae.png", "plots/group_confusion.png", "plots/predicted_vs_true.png"}
     table = client.download_artifacts(run.info.run_id, "test_shot_table.md", str(tmp_path))
-    assert "groupdir (predicted route)" in open(table).read()
-    # Both workers evaluated one model (rank 0's BatchNorm statistics), the one the checkpoint holds.
+    assert f"groupdir ({selected} route)" in open(table).read()
+    # Both workers evaluated one model (rank 0's BatchNorm statistics and re-trained classifier), the
+    # one the checkpoint holds.
     again = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", str(shards), "test", device="cpu")
-    assert again["predicted"]["mae/all"] == pytest.approx(results["predicted"]["mae/all"], rel=1e-5)
+    for route in ("predicted", "adjusted_soft"):
+        assert again[route]["mae/all"] == pytest.approx(results[route]["mae/all"], rel=1e-5)
 
 
 def test_a_crashed_worker_is_replaced_and_every_epoch_is_logged_once(shards, tmp_path, tracking):
@@ -123,6 +180,21 @@ def test_a_diverging_run_stops_at_once_naming_the_term_and_step(shards, tmp_path
     # Stopped for good: a rerun of the same command says so again instead of training on.
     with pytest.raises(TrainingError, match="loss term"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_summed_group_loss_weighs_the_mean_by_the_global_batch():
+    """soft_reduction=sum is the authors' summed loss: the mean times the GLOBAL batch, whatever the
+    number of workers each holds a slice of it."""
+    generator = torch.Generator().manual_seed(0)
+    output = Output(torch.randn(8, 4, generator=generator), torch.randn(8, 5, generator=generator),
+                    torch.randn(8, 5, generator=generator))
+    labels, groups = torch.rand(8, generator=generator) * 50, torch.arange(8) % 5
+    terms = {reduction: loss_terms(load_config(overrides={"soft_reduction": reduction, "batch_size": 128,
+                                                          "workers": 2, "lambda_soft": 0.5}),
+                                   output, labels, groups, None)
+             for reduction in ("mean", "sum")}
+    torch.testing.assert_close(terms["sum"]["cls"], 128 * terms["mean"]["cls"])
+    torch.testing.assert_close(terms["sum"]["total"] - terms["mean"]["total"], 0.5 * 127 * terms["mean"]["cls"])
 
 
 def test_non_finite_loss_names_the_term_and_step():

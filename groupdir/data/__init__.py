@@ -3,13 +3,16 @@ and `open_data`, the one entry point the training loop uses for either kind of d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from groupdir.data.dir_format import DataError, DIRTable, read_dir_table, resolve_csv
 from groupdir.data.loaders import DIRImageDataset, make_loader
 from groupdir.data.shards import is_shards_dir, shard_labels
 
-__all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDataset", "make_loader", "open_data"]
+__all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDataset", "make_loader", "open_data",
+           "synthetic_shards"]
 
 
 def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "train", rank: int = 0,
@@ -48,3 +51,22 @@ def set_epoch(loader, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
     else:
         loader.epoch = epoch
+
+
+def synthetic_shards(out: Path, train_size: int = 4000) -> Path:
+    """The embedded default's data: a synthetic face-age set (seed 0) in out/data and its FFCV shards
+    in out/shards, each written only if missing (the demo, a sweep without --data and the method
+    benchmark share them)."""
+    from groupdir.data.shards import Encoding, prepare
+    from groupdir.data.synth import SynthSpec, write_synth
+
+    data, shards = Path(out) / "data", Path(out) / "shards"
+    if (data / "synth_age.csv").is_file():
+        print(f"using the synthetic data set already in {data}", flush=True)
+    else:
+        print(f"writing a synthetic face-age data set to {data} ...", flush=True)
+        write_synth(data, SynthSpec(train=train_size, seed=0))
+    if not is_shards_dir(shards):
+        print(f"encoding it into FFCV shards in {shards} ...", flush=True)
+        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
+    return shards

@@ -27,7 +27,7 @@ from groupdir.config import WRITE_MODES
 from groupdir.data.dir_format import SPLITS, DIRTable, read_dir_table
 from groupdir.errors import ConfigError, DataError
 from groupdir.metrics import shot_of_bins
-from groupdir.losses.regression import label_bins
+from groupdir.labels import label_bins
 
 META = "meta.json"
 

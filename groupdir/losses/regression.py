@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from scipy.ndimage import convolve1d, gaussian_filter1d
 from scipy.signal.windows import triang
 
+from groupdir.labels import label_bins
+
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1",
                     weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +75,3 @@ def label_weights(train_labels, reweight: str = "none", lds: bool = False, kerne
 
     return weigh
 
-
-def label_bins(labels, bin_width: float = 1.0) -> np.ndarray:
-    """Integer bin of each label; the small epsilon keeps 0.3 / 0.1 in bin 3, not 2."""
-    return np.floor(np.asarray(labels, dtype=np.float64) / bin_width + 1e-9).astype(np.int64)

@@ -130,6 +130,7 @@ def test_existing_output_needs_force_and_skip_bad_lists_rows(tmp_path):
     prepare(root, tmp_path / "out", workers=1, skip_bad=True, force=True)
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_no_shards_folder(tiny_synth, tmp_path):
     out = tmp_path / "killed"
     script = ("import sys; from groupdir.data.shards import prepare, Encoding; "
@@ -167,6 +168,7 @@ def _ddp_rank(rank: int, world_size: int, store: str, shards_dir: str, result: s
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_shards", [1, 4])
 def test_two_ddp_ranks_get_disjoint_rows_covering_the_split(tiny_synth, tmp_path, num_shards):
     import torch.multiprocessing as mp

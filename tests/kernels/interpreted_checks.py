@@ -17,9 +17,8 @@ def training_steps() -> dict:
     Adam divides by the root of tiny second moments, which turns float32 rounding differences of
     1e-7 into visible ones within a few steps, whatever the backend."""
     from groupdir.config import load_config
-    from groupdir.grouping import make_grouping
     from groupdir.model import DIRNet
-    from groupdir.train import train_step
+    from groupdir.train import supervision, train_step
 
     losses = {}
     for backend in ("torch", "triton"):
@@ -29,9 +28,9 @@ def training_steps() -> dict:
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
         generator = torch.Generator().manual_seed(1)
         labels = torch.randint(0, 40, (16,), generator=generator).double()
-        grouping = make_grouping(labels.numpy(), 4, "equal_width")
+        targets = supervision(cfg, labels.numpy())
         images = torch.randint(0, 255, (16, 3, 16, 16), generator=generator, dtype=torch.uint8)
-        losses[backend] = [train_step(cfg, net, optimizer, images, labels, grouping, None, torch.device("cpu"))
+        losses[backend] = [train_step(cfg, net, optimizer, images, labels, targets, torch.device("cpu"))
                            for _ in range(5)]
     return losses
 

@@ -20,6 +20,7 @@ def interpreted(what: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_kernels_equal_the_naive_reference_in_value_and_gradient():
     results = interpreted("kernel")
     assert len(results) == 9
@@ -30,6 +31,7 @@ def test_kernels_equal_the_naive_reference_in_value_and_gradient():
         assert r["loss"] == pytest.approx(r["reference"], rel=1e-5, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_a_training_run_with_the_triton_backend_follows_the_torch_backend():
     losses = interpreted("training")
     for torch_step, triton_step in zip(losses["torch"], losses["triton"]):

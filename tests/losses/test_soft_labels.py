@@ -1,6 +1,8 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
-from groupdir.losses import soft_group_labels, soft_label_loss
+from groupdir.losses import group_loss, soft_group_labels, soft_label_loss
 
 
 def test_soft_labels_shape_sum_peak_symmetry_and_descent():
@@ -41,3 +43,18 @@ def test_soft_label_loss_is_smallest_at_the_target_distribution():
     best = soft_label_loss(q.log(), groups, beta=1.0)
     worse = soft_label_loss(torch.zeros(2, 5), groups, beta=1.0)
     assert best < worse
+
+
+def test_balanced_losses_are_the_plain_losses_on_prior_shifted_logits():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=generator)
+    groups = torch.tensor([0, 0, 0, 1, 2, 3])
+    log_prior = torch.tensor([0.7, 0.1, 0.1, 0.1]).log()
+    torch.testing.assert_close(group_loss(logits, groups, "ce_balanced", log_prior=log_prior),
+                               F.cross_entropy(logits + log_prior, groups))
+    torch.testing.assert_close(group_loss(logits, groups, "soft_balanced", beta=0.5, log_prior=log_prior),
+                               soft_label_loss(logits + log_prior, groups, beta=0.5))
+    assert not torch.allclose(group_loss(logits, groups, "ce_balanced", log_prior=log_prior),
+                              group_loss(logits, groups, "ce"))
+    with pytest.raises(ValueError, match="needs the training group prior"):
+        group_loss(logits, groups, "soft_balanced")

@@ -1,10 +1,7 @@
 """Benchmarks that print ratios measured side by side in one run.
 
-- `bench method`: Group-DIR against the field's baselines on the synthetic benchmark. Every method
-  trains on the same synthetic data set with several seeds; the table gives mean +- std of the test
-  metrics of each method's best-on-validation checkpoint (predicted route), and the group accuracy of
-  the soft labels against plain cross-entropy (paper Table 5 / Fig. 7). Finished runs are kept, so
-  an interrupted benchmark resumes where it stopped.
+- `bench method` (groupdir/bench/method.py): Group-DIR against the field's baselines on the
+  synthetic benchmark, paired seeds, with a verdict per claim.
 - `bench loader`: FFCV against a torchvision/PIL DataLoader over the same faces.
 - `bench train`: training images per second per Ray worker, end to end, for 1, 2, ... workers.
 - `bench ceiling`: one device, the training step fed by the FFCV loader against the same step on a
@@ -22,103 +19,8 @@ import numpy as np
 from groupdir.config import load_config
 from groupdir.data.synth import SynthSpec, write_synth
 from groupdir.atomic import write_json_atomic, write_text_atomic
-from groupdir.train import HISTORY, RESULTS, ray_session, train
-
-METHODS = {
-    "Group-DIR": {"method": "groupdir"},
-    "Group-DIR, CE labels": {"method": "groupdir", "group_loss": "ce"},
-    "Group-DIR, equal-frequency groups": {"method": "groupdir", "grouping": "equal_frequency"},
-    "vanilla": {"method": "vanilla"},
-    "SQINV + LDS": {"method": "vanilla", "reweight": "sqrt_inv", "lds": True},
-}
-COLUMNS = ["mae/all", "mae/many", "mae/median", "mae/few", "gm/all", "gm/few", "bmae/all", "group_acc",
-           "group_acc/few"]
-
-
-def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int = 12,
-                 overrides: list[str] | None = None, tracking_uri: str = "") -> str:
-    settings = {"train_size": train_size, "epochs": epochs, "overrides": list(overrides or []),
-                "methods": METHODS}
-    if (out / "settings.json").is_file():
-        if json.loads((out / "settings.json").read_text()) != settings:
-            raise FileExistsError(f"{out} holds a benchmark run with other settings (see {out / 'settings.json'}); "
-                                  f"pick another --out or delete it")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "settings.json", settings)
-    data = out / "data"
-    if not (data / "synth_age.csv").is_file():
-        write_synth(data, SynthSpec(train=train_size, seed=0), force=True)
-    started = time.perf_counter()
-    results: dict[str, list[dict]] = {name: [] for name in METHODS}
-    with ray_session():
-        for seed in range(seeds):
-            for name, settings in METHODS.items():
-                run_dir = out / "runs" / f"{slug(name)}-seed{seed}"
-                if (run_dir / RESULTS).is_file():
-                    results[name].append(json.loads((run_dir / RESULTS).read_text()))
-                    continue
-                pairs = {"data": str(data), "epochs": epochs, "seed": seed, **settings,
-                         "experiment": "bench-method", "tracking_uri": tracking_uri}
-                cfg = load_config(overrides=[f"{k}={v}" for k, v in pairs.items()] + list(overrides or []))
-                print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
-                results[name].append(train(cfg, run_dir, progress=False))
-    table = method_table(results, seeds, train_size, epochs, overrides or [])
-    write_text_atomic(out / "method.md", table)
-    write_json_atomic(out / "method.json", results)
-    print(table)
-    return table
-
-
-def method_table(results: dict[str, list[dict]], seeds: int, train_size: int, epochs: int,
-                 overrides: list[str]) -> str:
-    lines = [f"Synthetic face-age DIR ({train_size} training images), {epochs} epochs, {seeds} seeds, "
-             f"mean +- std over seeds; test split, predicted route"
-             + (f"; overrides: {' '.join(overrides)}" if overrides else ""),
-             "",
-             "| method | " + " | ".join(COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
-    for name, runs in results.items():
-        cells = []
-        for column in COLUMNS:
-            values = metric(runs, column)
-            cells.append(f"{values.mean():.2f} +- {values.std():.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    oracle = metric(results["Group-DIR"], "mae/all", route="oracle")
-    lines += ["", f"Group-DIR oracle route (true group picks the expert; not a test result): "
-                  f"MAE all {oracle.mean():.2f} +- {oracle.std():.2f}", ""]
-    lines += claims(results)
-    return "\n".join(lines) + "\n"
-
-
-def claims(results: dict[str, list[dict]]) -> list[str]:
-    """The paper's claims, checked against this run's numbers."""
-    def verdict(ours: float, theirs: float, better) -> str:
-        if np.isnan(ours) or np.isnan(theirs):
-            return "cannot be tested (no test samples in that shot)"
-        return "holds" if better(ours, theirs) else "does NOT hold"
-
-    out = []
-    for shot in ("median", "few"):
-        ours = metric(results["Group-DIR"], f"mae/{shot}").mean()
-        theirs = metric(results["vanilla"], f"mae/{shot}").mean()
-        out.append(f"- Group-DIR lowers {shot}-shot MAE vs vanilla: "
-                   f"{verdict(ours, theirs, lambda a, b: a < b)} ({ours:.2f} vs {theirs:.2f})")
-    soft = metric(results["Group-DIR"], "group_acc").mean()
-    ce = metric(results["Group-DIR, CE labels"], "group_acc").mean()
-    out.append(f"- soft labels beat cross-entropy in group accuracy: "
-               f"{verdict(soft, ce, lambda a, b: a > b)} ({soft:.3f} vs {ce:.3f})")
-    return out
-
-
-def metric(runs: list[dict], key: str, route: str = "predicted") -> np.ndarray:
-    """One metric over seeds as floats; null (an empty shot in results.json) becomes NaN."""
-    return np.array([run[route][key] for run in runs], dtype=float)
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
-
+from groupdir.bench.method import bench_method
+from groupdir.train import HISTORY, ray_session, train
 
 LOADER_ENCODINGS = (("jpg", 500), ("jpg", 256), ("raw", 256))  # FFCV write mode, max_resolution
 
@@ -191,13 +93,9 @@ def bench_train(out: Path, worker_counts=(1, 2), train_size: int = 2000, epochs:
     1 pays FFCV's JIT compile and is left out: the rate is the median of the later epochs."""
     import statistics
 
-    from groupdir.data.shards import Encoding, is_shards_dir, prepare
+    from groupdir.data import synthetic_shards
 
-    data, shards = out / "data", out / "shards"
-    if not (data / "synth_age.csv").is_file():
-        write_synth(data, SynthSpec(train=train_size, seed=0), force=True)
-    if not is_shards_dir(shards):
-        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
+    shards = synthetic_shards(out, train_size)
     rates = {}
     with ray_session(num_cpus=max(worker_counts)):
         for workers in worker_counts:
@@ -231,7 +129,7 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
     from groupdir.data import open_data
     from groupdir.data.shards import Encoding, is_shards_dir, prepare
     from groupdir.model import DIRNet
-    from groupdir.train import groups_and_weights, init_regressor_bias, train_step
+    from groupdir.train import init_regressor_bias, supervision, train_step
 
     import torch
 
@@ -244,9 +142,9 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
                                  "batch_size": batch_size, "loader_workers": loader_workers})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labels, loaders = open_data(cfg, ["train"])
-    grouping, weigh = groups_and_weights(cfg, labels)
+    targets = supervision(cfg, labels)
     net = DIRNet(backbone, cfg.num_groups)
-    init_regressor_bias(net, labels, grouping)
+    init_regressor_bias(net, labels, targets.grouping)
     net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
 
@@ -256,12 +154,12 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
 
     def rate(feed) -> float:
         for _ in range(steps):  # warm-up: cuDNN autotuning, FFCV's JIT, allocator
-            train_step(cfg, net, optimizer, *next(feed)[:2], grouping, weigh, device)
+            train_step(cfg, net, optimizer, *next(feed)[:2], targets, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(steps):
-            train_step(cfg, net, optimizer, *next(feed)[:2], grouping, weigh, device)
+            train_step(cfg, net, optimizer, *next(feed)[:2], targets, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return steps * batch_size / (time.perf_counter() - started)

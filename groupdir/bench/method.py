@@ -1,0 +1,201 @@
+"""`groupdir bench method`: Group-DIR against the field's baselines, decided over paired seeds.
+
+Every method trains on the same synthetic data set (the demo's: 4000 skewed training faces, seed 0)
+with the same seeds; seed s of one method is paired with seed s of every other. Each run picks its
+epoch, and for Group-DIR its route and the route's calibration, on VALIDATION; the test split is
+evaluated once per run. The benchmark prints:
+
+- each method's headline test metrics (mean +- std over seeds) and every route of the Group-DIR
+  runs, with the oracle and centroid references labelled apart;
+- for each Group-DIR variant against each baseline, the per-seed paired difference of test bMAE,
+  MAE and few-/many-shot MAE with its standard error, and a verdict per claim: it "holds" only when
+  the mean difference favours Group-DIR by more than two standard errors.
+
+Runs go two at a time (one Ray worker and one CPU each) on a 2-CPU machine; finished runs are kept,
+so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from groupdir.atomic import write_json_atomic, write_text_atomic
+from groupdir.config import config_path, load_config, parse_overrides
+from groupdir.data import synthetic_shards
+from groupdir.errors import ConfigError
+
+# name -> (packaged config or None, key=value overrides). The calibrated variant's settings were
+# chosen on validation (README "Results"), never on test.
+METHODS = {
+    "vanilla": (None, {"method": "vanilla"}),
+    "SQINV + LDS": (None, {"method": "vanilla", "reweight": "sqrt_inv", "lds": True}),
+    "Group-DIR (paper)": ("paper", {}),
+    "Group-DIR (calibrated)": ("calibrated", {}),
+}
+BASELINES = ("vanilla", "SQINV + LDS")
+EXPERIMENT = "bench-method"
+COLUMNS = ("mae/all", "mae/many", "mae/median", "mae/few", "gm/all", "gm/few", "bmae/all", "group_acc",
+           "group_acc/few", "group_dist")
+ROUTE_COLUMNS = ("mae/all", "mae/many", "mae/few", "bmae/all", "group_acc/many", "group_acc/median", "group_acc/few",
+                 "group_dist")
+CLAIMS = ("bmae/all", "mae/all", "mae/few", "mae/many")
+GOALS = (("mae/few", 0.85, "few-shot MAE at most 0.85x vanilla's"),
+         ("mae/many", 1.10, "many-shot MAE at most 1.10x vanilla's"))
+
+
+def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int = 3, concurrent: int = 2,
+                 overrides: list[str] | None = None, tracking_uri: str = "", methods: list[str] | None = None) -> str:
+    from groupdir import tracking
+    from groupdir.train import RESULTS, ray_session, train
+
+    overrides = list(overrides or [])
+    methods = list(methods or METHODS)
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or "vanilla" not in methods:
+        raise ConfigError(f"--methods: {', '.join(unknown) or 'vanilla missing'}; pick from {', '.join(METHODS)} "
+                         f"(vanilla always: the goals are against it)")
+    settings = {"train_size": train_size, "epochs": epochs, "overrides": overrides,
+                "methods": {name: {"config": config_path(METHODS[name][0]).read_text() if METHODS[name][0] else None,
+                                   **METHODS[name][1]} for name in methods}}
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "settings.json").is_file():
+        if json.loads((out / "settings.json").read_text()) != settings:
+            raise FileExistsError(f"{out} holds a benchmark run with other settings (see {out / 'settings.json'}); "
+                                  f"pick another --out or delete it")
+    else:
+        write_json_atomic(out / "settings.json", settings)
+    shards = synthetic_shards(out, train_size)
+    started = time.perf_counter()
+
+    def run(name: str, seed: int) -> dict:
+        run_dir = out / "runs" / f"{slug(name)}-seed{seed}"
+        if (run_dir / RESULTS).is_file():
+            return json.loads((run_dir / RESULTS).read_text())
+        config, pairs = METHODS[name]
+        common = {"data": str(shards), "epochs": epochs, "seed": seed, "workers": 1, "cpus_per_worker": 1,
+                  "experiment": EXPERIMENT, "tracking_uri": tracking_uri}
+        cfg = load_config(config, {**pairs, **common, **parse_overrides(overrides)})
+        print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
+        results = train(cfg, run_dir, progress=False)
+        print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}: done", flush=True)
+        return results
+
+    # The MLflow store and experiment exist before the runs start, so that concurrent runs never race
+    # to create them.
+    tracking_uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_reachable(tracking_uri)
+    tracking.experiment_id(tracking_uri, EXPERIMENT)
+    jobs = [(name, seed) for seed in range(seeds) for name in methods]
+    with ray_session(num_cpus=concurrent), ThreadPoolExecutor(concurrent) as pool:
+        futures = [pool.submit(run, name, seed) for name, seed in jobs]
+        try:
+            finished = dict(zip(jobs, (future.result() for future in futures)))
+        except BaseException:  # a failed run or Ctrl-C: the runs not started yet never start
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    results = {name: [finished[name, seed] for seed in range(seeds)] for name in methods}
+    minutes = (time.perf_counter() - started) / 60
+    table = method_table(results, train_size, epochs, overrides, minutes)
+    write_text_atomic(out / "method.md", table)
+    write_json_atomic(out / "method.json", results)
+    print(table)
+    return table
+
+
+# ======================================== tables ===========================================
+
+def method_table(results: dict[str, list[dict]], train_size: int, epochs: int, overrides: list[str],
+                 minutes: float) -> str:
+    seeds = len(next(iter(results.values())))
+    lines = [f"Synthetic face-age DIR ({train_size} training images), {epochs} epochs, seeds 0-{seeds - 1} paired "
+             f"across methods" + (f"; overrides: {' '.join(overrides)}" if overrides else "")
+             + f"; wall time {minutes:.1f} min.",
+             "Test split, each method's headline route (chosen on validation for the calibrated variant), "
+             "mean +- std over seeds:", "",
+             "| method | route | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for name, runs in results.items():
+        routes = sorted({run["selected_route"] for run in runs})
+        cells = [spread(metric(runs, column)) for column in COLUMNS]
+        lines.append(f"| {name} | {', '.join(routes)} | " + " | ".join(cells) + " |")
+    lines += ["", "Every route of the Group-DIR runs (test, mean +- std over seeds; oracle and centroid read the true "
+                  "group: references, not test results):", "",
+              "| method | route | " + " | ".join(ROUTE_COLUMNS) + " |", "|---|---|" + "---:|" * len(ROUTE_COLUMNS)]
+    for name, runs in results.items():
+        for route in ("predicted", "soft", "adjusted", "adjusted_soft", "oracle", "centroid") if "oracle" in runs[0] else ():
+            cells = [spread(metric(runs, column, route)) for column in ROUTE_COLUMNS]
+            lines.append(f"| {name} | {route} | " + " | ".join(cells) + " |")
+    for name, runs in results.items():
+        if "calibration" in runs[0] and runs[0]["calibration"]["shift"]:
+            chosen = "; ".join(f"seed {seed}: {describe_route(run)}" for seed, run in enumerate(runs))
+            lines += ["", f"{name}: validation chose {chosen}."]
+    lines += ["", f"Paired differences, Group-DIR variant minus baseline, per seed (negative: Group-DIR errs "
+                  f"less); mean +- standard error over {seeds} seeds:", "",
+              "| comparison | " + " | ".join(CLAIMS) + " |", "|---|" + "---:|" * len(CLAIMS)]
+    verdicts = []
+    for ours in (name for name in results if name not in BASELINES):
+        for theirs in (name for name in BASELINES if name in results):
+            cells = []
+            for column in CLAIMS:
+                mean, error = paired(results[ours], results[theirs], column)
+                cells.append(f"{mean:+.2f} +- {error:.2f}")
+                verdicts.append(f"- {ours} lowers {column} vs {theirs}: {verdict(mean, error)} "
+                                f"({mean:+.2f} +- {error:.2f})")
+            lines.append(f"| {ours} vs {theirs} | " + " | ".join(cells) + " |")
+    lines += ["", "Claims (a claim holds when the paired difference favours Group-DIR by more than two standard "
+                  "errors):"] + verdicts
+    lines += ["", "Goals against vanilla (ratio of seed means):"]
+    for ours in (name for name in results if name not in BASELINES):
+        for column, limit, text in GOALS:
+            ratio = metric(results[ours], column).mean() / metric(results["vanilla"], column).mean()
+            lines.append(f"- {ours}: {text}: {'met' if ratio <= limit else 'NOT met'} ({ratio:.2f}x)")
+    return "\n".join(lines) + "\n"
+
+
+def describe_route(run: dict) -> str:
+    calibration, route = run["calibration"], run["selected_route"]
+    if route == "adjusted":
+        return f"adjusted (tau {calibration['tau']:g})"
+    if route == "adjusted_soft":
+        return f"adjusted_soft (tau {calibration['soft_tau']:g}, T {calibration['route_temperature']:g})"
+    return route
+
+
+def paired(ours: list[dict], theirs: list[dict], column: str) -> tuple[float, float]:
+    """Mean and standard error of the per-seed difference ours - theirs (NaN error for one seed)."""
+    differences = metric(ours, column) - metric(theirs, column)
+    error = differences.std(ddof=1) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
+    return float(differences.mean()), float(error)
+
+
+def verdict(mean: float, error: float) -> str:
+    if math.isnan(mean):
+        return "cannot be tested (no test samples in that shot)"
+    if math.isnan(error):
+        return "cannot be decided with one seed"
+    if mean < -2 * error:
+        return "holds"
+    if mean > 2 * error:
+        return "does NOT hold (the baseline is better by more than two standard errors)"
+    return "does NOT hold (within two standard errors)"
+
+
+def metric(runs: list[dict], column: str, route: str | None = None) -> np.ndarray:
+    """One metric over seeds, of `route` or of each run's headline route (the one its validation
+    selected); null (an empty shot in results.json) becomes NaN."""
+    values = [run[route or run["selected_route"]].get(column) for run in runs]
+    return np.array([math.nan if value is None else value for value in values], dtype=float)
+
+
+def spread(values: np.ndarray) -> str:
+    """mean +- sample standard deviation over seeds."""
+    return f"{values.mean():.2f} +- {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}"
+
+
+def slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
