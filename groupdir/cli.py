@@ -235,7 +235,7 @@ def cmd_demo(args) -> int:
     print(f"\nValidation selected Group-DIR's {route} route. On the test split, rare (few-shot) ages: MAE "
           f"{ours['mae/few']:.2f} for Group-DIR, {theirs['mae/few']:.2f} for vanilla; balanced MAE {ours['bmae/all']:.2f} "
           f"vs {theirs['bmae/all']:.2f}; frequent (many-shot) ages: {ours['mae/many']:.2f} vs {theirs['mae/many']:.2f}. "
-          f"One short CPU run of each; README 'Results' compares them over paired seeds.")
+          f"One short CPU run of each; docs/results.md compares them over paired seeds.")
     print(f"\nCompare the two runs (experiment 'demo') in the MLflow UI:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000\n"
           f"  then open http://127.0.0.1:5000")

@@ -68,7 +68,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool =
     tracking.check_reachable(cfg.tracking_uri)
     if cfg.address and cfg.tracking_uri.startswith("sqlite:"):
         print(f"note: on a multi-node cluster every node must see {cfg.tracking_uri} at that path; "
-              f"otherwise run an MLflow server (README: Run on a cluster)", flush=True)
+              f"otherwise run an MLflow server (docs/reference.md: Run on a cluster)", flush=True)
     with ray_session(cfg.address):
         cfg, use_gpu = fit_resources(cfg)  # before anything is written: a refused run leaves no trace
         previous = claim_run_dir(run_dir, cfg, force)

@@ -31,7 +31,7 @@ from groupdir.data import synthetic_shards
 from groupdir.errors import ConfigError
 
 # name -> (packaged config or None, key=value overrides). The calibrated variant's settings were
-# chosen on validation (README "Results"), never on test.
+# chosen on validation (docs/results.md), never on test.
 METHODS = {
     "vanilla": (None, {"method": "vanilla"}),
     "SQINV + LDS": (None, {"method": "vanilla", "reweight": "sqrt_inv", "lds": True}),
