@@ -34,7 +34,7 @@ $(VENV)/.setup-stamp: pyproject.toml | system-packages
 	touch $@
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # The unit tier for a quick loop (under 2 minutes): no Ray, no subprocesses, no training runs.
 test-fast: setup

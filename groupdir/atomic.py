@@ -35,6 +35,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def copy_file_atomic(source: Path, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, payload) -> None:
     """Strict JSON (NaN, e.g. an empty shot, becomes null), written atomically."""
     write_text_atomic(path, json.dumps(_nan_to_none(payload), indent=2, allow_nan=False))

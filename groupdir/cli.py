@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from groupdir.config import BACKBONES, PRESET_CSV, WRITE_MODES, load_config
+from groupdir.config import BACKBONES, PRESET_CSV, WRITE_MODES, Config, load_config, packaged_configs
 from groupdir.errors import GroupdirError
 
 USER_ERRORS = (GroupdirError, FileExistsError, FileNotFoundError)
@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groupdir", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (add_data_commands, add_training_commands, add_tune_command, add_bench_commands):
+        add(commands)
+    return parser
 
+
+def add_data_commands(commands) -> None:
     synth = commands.add_parser("synth", help="write a synthetic face-age DIR data set")
     synth.add_argument("out", help="output data root (gets synth_age.csv and images/)")
     synth.add_argument("--train", type=int, default=6000, help="training images (default 6000)")
@@ -34,16 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64, help="side of the JPEGs in pixels (default 64)")
     synth.add_argument("--eval-cap", type=int, default=12, help="val and test images per age, at most")
     synth.add_argument("--force", action="store_true", help="replace an existing output folder")
-
-    train = commands.add_parser("train", help="train one model and evaluate it on the test split once")
-    train.add_argument("--data", help="DIR data root (same as data=...)")
-    train.add_argument("--config", help="YAML config file, or a packaged config by name (paper, authors, "
-                                         "calibrated); key=value arguments override it")
-    train.add_argument("--out", help="run folder (default runs/<method>-<time>); rerun with the same "
-                                      "--out to resume an interrupted run")
-    train.add_argument("--address", help="join a Ray cluster: auto or ray://host:10001 (same as address=...)")
-    train.add_argument("--force", action="store_true", help="start over in a run folder that holds a run")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
 
     prepare = commands.add_parser("prepare", help="validate a DIR data set and encode it into FFCV shards")
     prepare.add_argument("--root", required=True, help="DIR data root (CSV + images)")
@@ -56,9 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--write-mode", default="smart", choices=WRITE_MODES)
     prepare.add_argument("--num-shards", type=int, default=1, help=".beton files per split (default 1)")
     prepare.add_argument("--workers", type=int, default=-1, help="encoding processes (default: all cores)")
-    prepare.add_argument("--label-bin-width", type=float, default=1.0, help="histogram / shot bin width")
+    prepare.add_argument("--label-bin-width", type=float, default=Config().label_bin_width,
+                         help="histogram / shot bin width")
     prepare.add_argument("--force", action="store_true", help="replace an existing shards folder")
     prepare.add_argument("--skip-bad", action="store_true", help="leave bad rows out and list them in meta.json")
+
+
+def add_training_commands(commands) -> None:
+    train = commands.add_parser("train", help="train one model and evaluate it on the test split once")
+    train.add_argument("--data", help="DIR data root (same as data=...)")
+    train.add_argument("--config", help="YAML config file, or a packaged config by name ("
+                                         + ", ".join(packaged_configs()) + "); key=value arguments override it")
+    train.add_argument("--out", help="run folder (default runs/<method>-<time>); rerun with the same "
+                                      "--out to resume an interrupted run")
+    train.add_argument("--address", help="join a Ray cluster: auto or ray://host:10001 (same as address=...)")
+    train.add_argument("--force", action="store_true", help="start over in a run folder that holds a run")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+
+    config = commands.add_parser("config", help="print the resolved config as YAML, or every key as Markdown")
+    config.add_argument("--config", help="YAML config file or packaged config name")
+    config.add_argument("--markdown", action="store_true", help="every key, its type, default and meaning "
+                                                                 "(docs/config.md)")
+    config.add_argument("overrides", nargs="*", metavar="key=value")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a split")
     evaluate.add_argument("--checkpoint", required=True)
@@ -70,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="synthetic data -> Group-DIR and vanilla -> shot tables")
     demo.add_argument("--out", default="demo")
     demo.add_argument("--train", type=int, default=4000)
-    demo.add_argument("--epochs", type=int, default=3, help="per run (default 3: `bench method`'s, in minutes on 2 CPUs)")
-    demo.add_argument("--workers", type=int, default=2, help="Ray workers per run (default 2)")
+    demo.add_argument("--epochs", type=int, help="per run (default: the demo config's 3, minutes on 2 CPUs)")
+    demo.add_argument("--workers", type=int, help="Ray workers per run (default: the demo config's 2)")
 
+
+def add_tune_command(commands) -> None:
     tune = commands.add_parser("tune", help="Ray Tune sweep over a YAML search space; every trial an MLflow run")
     tune.add_argument("--space", required=True, help="search space file, e.g. tune/quick.yaml")
     tune.add_argument("--data", help="FFCV shards or DIR data root (default: the demo's synthetic shards, "
@@ -88,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help="join a Ray cluster: auto or ray://host:10001 (same as address=...)")
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="config keys fixed for every trial")
 
+
+def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     loader = bench_kinds.add_parser("loader", help="FFCV vs a torchvision/PIL DataLoader, images per second")
@@ -100,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     method = bench_kinds.add_parser("method", help="Group-DIR (paper, calibrated) vs vanilla vs SQINV+LDS, "
                                                    "paired seeds, a verdict per claim")
     method.add_argument("--out", default="bench/method")
+    method.add_argument("--data", default="", help="shards or a DIR data root (default: synthetic, --train images)")
     method.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1, paired across methods (default 3)")
     method.add_argument("--train", type=int, default=4000, help="synthetic training images (default 4000)")
     method.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3: under 40 minutes on 2 CPUs)")
@@ -109,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     scaling = bench_kinds.add_parser("train", help="training images/s per Ray worker for 1, 2, ... workers")
     scaling.add_argument("--out", default="bench/train")
+    scaling.add_argument("--data", default="", help="shards or a DIR data root (default: synthetic, --train images)")
     scaling.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
     scaling.add_argument("--train", type=int, default=2000)
     scaling.add_argument("--epochs", type=int, default=3, help="epoch 1 (FFCV's JIT) is left out of the rate")
@@ -129,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     ceiling.add_argument("--loader-workers", type=int, default=8)
     ceiling.add_argument("--images", type=int, default=3000, help="synthetic training images")
     ceiling.add_argument("--source-size", type=int, default=256, help="side of the synthetic JPEGs")
-
-    return parser
 
 
 def cmd_synth(args) -> int:
@@ -158,8 +176,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from groupdir.driver import train
     from groupdir.metrics import format_shot_table
-    from groupdir.train import train
 
     cfg = load_training_config(args.config, args.overrides, data=args.data, address=args.address)
     run_dir = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -182,14 +200,30 @@ def with_tracking_uri(cfg):
     """tracking_uri, else $MLFLOW_TRACKING_URI, else the default, resolved."""
     from groupdir.tracking import resolve_uri
 
-    cfg.tracking_uri = resolve_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
-    return cfg
+    return cfg.replace(tracking_uri=resolve_uri(cfg.tracking_uri or environment_tracking_uri()))
+
+
+def environment_tracking_uri() -> str:
+    """MLflow's own variable, the one piece of the environment groupdir honours (read here only)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from groupdir.config import config_reference
+
+    if args.markdown:
+        print(config_reference(), end="")
+    else:
+        print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+    return 0
 
 
 def cmd_eval(args) -> int:
-    from groupdir.metrics import format_shot_table
     from groupdir.atomic import write_json_atomic
-    from groupdir.train import evaluate_checkpoint
+    from groupdir.evaluation import evaluate_checkpoint
+    from groupdir.metrics import format_shot_table
 
     if args.json and Path(args.json).exists() and not args.force:
         raise FileExistsError(f"{args.json} exists; pass --force to replace it")
@@ -202,43 +236,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: synthetic data -> FFCV shards -> Group-DIR (the
-    packaged `calibrated` config) and vanilla, each on `--workers` Ray workers -> `groupdir eval` of
-    both checkpoints -> MLflow."""
-    import ray
+    from groupdir.demo import run_demo
 
-    from groupdir.data import synthetic_shards
-    from groupdir.metrics import format_shot_table, selected
-    from groupdir.train import evaluate_checkpoint, train
-
-    out = Path(args.out)
-    shards = synthetic_shards(out, args.train)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    ray.init(num_cpus=args.workers, logging_level="WARNING")  # one local Ray for both runs
-    try:
-        for method in ("groupdir", "vanilla"):
-            config = "calibrated" if method == "groupdir" else None
-            print(f"\n== training {method}{f' (--config {config})' if config else ''}: {args.epochs} epochs on "
-                  f"{args.workers} Ray workers ==", flush=True)
-            cfg = load_training_config(config, [f"method={method}", f"epochs={args.epochs}", f"workers={args.workers}",
-                                              f"tracking_uri={tracking_uri}", "experiment=demo"], data=str(shards))
-            train(cfg, out / method, force=True)  # the demo's own run folders are scratch
-    finally:
-        ray.shutdown()
-    print("\n== groupdir eval: both checkpoints on the test split ==", flush=True)
-    runs = {method: evaluate_checkpoint(out / method / "checkpoint.pt", str(shards), "test")
-            for method in ("groupdir", "vanilla")}
-    print("Test split, balanced over ages; shots by training count (many > 100, few < 20):")
-    print(format_shot_table(runs))
-    route = runs["groupdir"]["selected_route"]
-    ours, theirs = selected(runs["groupdir"]), selected(runs["vanilla"])
-    print(f"\nValidation selected Group-DIR's {route} route. On the test split, rare (few-shot) ages: MAE "
-          f"{ours['mae/few']:.2f} for Group-DIR, {theirs['mae/few']:.2f} for vanilla; balanced MAE {ours['bmae/all']:.2f} "
-          f"vs {theirs['bmae/all']:.2f}; frequent (many-shot) ages: {ours['mae/many']:.2f} vs {theirs['mae/many']:.2f}. "
-          f"One short CPU run of each; docs/results.md compares them over paired seeds.")
-    print(f"\nCompare the two runs (experiment 'demo') in the MLflow UI:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000\n"
-          f"  then open http://127.0.0.1:5000")
+    run_demo(Path(args.out), args.train, args.epochs, args.workers, environment_tracking_uri())
     return 0
 
 
@@ -250,7 +250,8 @@ def cmd_tune(args) -> int:
     extra = {"data": args.data, "workers": args.workers_per_trial, "address": args.address}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in extra.items() if value]
     cfg = with_tracking_uri(sweep.sweep_config(spec, overrides))  # a bad space stops here, before data or Ray
-    cfg.data = cfg.data or str(synthetic_shards(Path("demo")))  # the embedded default
+    if not cfg.data:  # the embedded default
+        cfg = cfg.replace(data=str(synthetic_shards(Path("demo"))))
     out = Path(args.out or f"runs/sweeps/{spec.name}")
     try:
         summary = sweep.run_sweep(spec, cfg, out, resume=args.resume)
@@ -276,21 +277,21 @@ def cmd_tune(args) -> int:
 def cmd_bench(args) -> int:
     from groupdir import bench
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    tracking_uri = environment_tracking_uri()
     if args.kind == "loader":
         bench.bench_loader(Path(args.out), images=args.images, sizes=args.sizes, workers=args.workers,
                            batch_size=args.batch_size, epochs=args.epochs)
     elif args.kind == "method":
         bench.bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
                            concurrent=args.concurrent, overrides=args.overrides, tracking_uri=tracking_uri,
-                           methods=args.methods)
+                           methods=args.methods, data=args.data)
     elif args.kind == "loss":
         bench.bench_loss(Path(args.out), batch_sizes=args.batch_sizes, dims=args.dims, repeats=args.repeats,
                          naive_max=args.naive_max)
     elif args.kind == "train":
         bench.bench_train(Path(args.out), worker_counts=tuple(args.workers), train_size=args.train,
                           epochs=args.epochs, batch_size=args.batch_size, overrides=args.overrides,
-                          tracking_uri=tracking_uri)
+                          tracking_uri=tracking_uri, data=args.data)
     else:
         bench.bench_ceiling(Path(args.out), backbone=args.backbone, image_size=args.image_size,
                             batch_size=args.batch_size, steps=args.steps, loader_workers=args.loader_workers,
@@ -298,8 +299,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "tune": cmd_tune,
-            "bench": cmd_bench}
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
+            "tune": cmd_tune, "bench": cmd_bench, "config": cmd_config}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,205 +1,278 @@
-"""One typed config for a training run: defaults here, a YAML file over them, key=value over that.
+"""One typed, frozen config for a training run: defaults here, a YAML file over them, key=value over that.
 
-The same object travels from the CLI to the training loop (and later to every Ray worker), so
-every knob lives here and nothing downstream reads the environment behind its back.
+The same object travels from the CLI to every Ray worker, so every knob lives here and nothing
+downstream reads the environment behind its back. It is a frozen pydantic model: the field types
+(Literal choices, bounds) are the validation, each field's docstring is its documentation
+(`groupdir config --markdown` prints them as docs/config.md), and a changed copy comes from
+`cfg.replace(key=value)`, which validates again.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, fields
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from groupdir.errors import ConfigError
+from groupdir.labels import FEW_SHOT, MANY_SHOT, SHOTS
 
-# Choices shared with the modules that use them; kept here so that reading a config stays light.
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+Dataset = Literal["auto", "synth", "imdb-wiki-dir", "agedb-dir"]
+Backbone = Literal["resnet18", "resnet34", "resnet50"]
+Backend = Literal["auto", "triton", "torch", "naive"]
+Similarity = Literal["cosine", "euclidean"]
+Route = Literal["predicted", "soft", "adjusted", "adjusted_soft"]
+
+# The choices, for the modules that check their own arguments.
 PRESET_CSV = {"synth": "synth_age.csv", "imdb-wiki-dir": "imdb_wiki.csv", "agedb-dir": "agedb.csv"}
-BACKBONES = ("resnet18", "resnet34", "resnet50")
-BACKENDS = ("auto", "triton", "torch", "naive")
-SIMILARITIES = ("cosine", "euclidean")
-SHOTS = ("all", "many", "median", "few")
-DEVICES = ("auto", "cpu", "cuda")
-CONTRAST_SCOPES = ("local", "global")
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
-CROPS = ("pad", "random_resized")
-WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes
-GROUP_LOSSES = ("soft", "ce", "soft_balanced", "ce_balanced")
-ROUTES = ("predicted", "soft", "adjusted", "adjusted_soft")  # test-time routes (groupdir.evaluation)
+BACKBONES = typing.get_args(Backbone)
+BACKENDS = typing.get_args(Backend)
+SIMILARITIES = typing.get_args(Similarity)
+ROUTES = typing.get_args(Route)  # test-time routes (groupdir.evaluation)
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes (groupdir prepare)
+SELECT_METRICS = tuple(f"{metric}/{shot}" for metric in ("mae", "mse", "gm", "bmae") for shot in SHOTS)
 
 
-@dataclass
-class Config:
+class Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
     # --- data -------------------------------------------------------------------------------
-    data: str = ""                 # DIR data root: a CSV with columns age,path,split + the images
-    dataset: str = "auto"          # preset naming the CSV: auto | synth | imdb-wiki-dir | agedb-dir
-    csv: str = ""                  # CSV file name inside `data`; overrides the preset
-    image_size: int = 32           # side of the square network input, in pixels
-    crop: str = "pad"              # train crop: pad (the field's: resize, pad S/14, random crop) | random_resized
-    loader_workers: int = 0        # DataLoader worker processes
-    label_bin_width: float = 1.0   # labels are binned to this width for shots and bMAE (0.1 for STS-B)
-    many_shot: int = 100           # a bin is many-shot with more than this many training samples
-    few_shot: int = 20             # ... and few-shot with fewer than this many
+    data: str = ""
+    """FFCV shards (`groupdir prepare`) or a DIR data root: a CSV with columns age,path,split + the images."""
+    dataset: Dataset = "auto"
+    """Preset naming the CSV inside a data root; auto: the one preset CSV present."""
+    csv: str = ""
+    """CSV file name inside `data`; overrides the preset."""
+    image_size: PositiveInt = 32
+    """Side of the square network input, in pixels."""
+    crop: Literal["pad", "random_resized"] = "pad"
+    """Train crop: pad (the field's: resize, pad S/14, random crop) | random_resized."""
+    loader_workers: NonNegativeInt = 0
+    """Loader workers per Ray worker: DataLoader processes for a data root, FFCV threads for shards (at least 1)."""
+    label_bin_width: Positive = 1.0
+    """Labels are binned to this width for shots and bMAE (0.1 for STS-B)."""
+    many_shot: NonNegativeInt = MANY_SHOT
+    """A label bin is many-shot with more than this many training samples."""
+    few_shot: NonNegativeInt = FEW_SHOT
+    """... and few-shot with fewer than this many."""
 
     # --- method -----------------------------------------------------------------------------
-    method: str = "groupdir"       # groupdir | vanilla
-    num_groups: int = 20
-    grouping: str = "equal_width"  # equal_width | equal_frequency
-    label_min: float | None = None  # equal-width range; None takes it from the training labels
+    method: Literal["groupdir", "vanilla"] = "groupdir"
+    """groupdir (paper) | vanilla (one regressor)."""
+    num_groups: PositiveInt = 20
+    """Ordered label groups (G)."""
+    grouping: Literal["equal_width", "equal_frequency"] = "equal_width"
+    """How the label range is cut into groups."""
+    label_min: float | None = None
+    """Equal-width range start; None takes it from the training labels."""
     label_max: float | None = None
-    temperature: float = 2.5       # t of paper Eq. 2
-    similarity: str = "cosine"     # cosine (paper) | euclidean (authors' code)
-    loss_backend: str = "auto"     # auto (triton on CUDA, else torch) | triton | torch | naive
-    group_loss: str = "soft"       # soft (paper's soft labels) | ce | soft_balanced | ce_balanced (balanced softmax)
-    soft_reduction: str = "mean"   # the group loss over the batch: mean | sum (the authors' code: ~B x lambda_soft)
-    beta: float = 1.0              # slope of the soft labels
-    lambda_grc: float = 1.0        # weight of the contrastive term (1 in the paper; 0 turns it off)
-    lambda_reg: float = 1.0        # lambda_1 of paper Eq. 5
-    lambda_soft: float = 1.0       # lambda_2 of paper Eq. 5
-    reg_loss: str = "l1"           # l1 | mse
-    reweight: str = "none"         # none | inverse | sqrt_inv  (weights on the regression loss)
-    lds: bool = False              # label distribution smoothing of the re-weighting counts
-    lds_kernel: str = "gaussian"   # gaussian | triang | laplace
-    lds_ks: int = 5
-    lds_sigma: float = 2.0
+    """Equal-width range end; give both or neither."""
+    temperature: Positive = 2.5
+    """t of paper Eq. 2."""
+    similarity: Similarity = "cosine"
+    """Feature similarity of the contrastive loss: cosine (paper) | euclidean (authors' code)."""
+    loss_backend: Backend = "auto"
+    """Contrastive loss implementation: auto (triton on CUDA, else torch) | triton | torch | naive."""
+    group_loss: Literal["soft", "ce", "soft_balanced", "ce_balanced"] = "soft"
+    """Group classifier loss: soft (paper's soft labels) | ce | soft_balanced | ce_balanced (balanced softmax)."""
+    soft_reduction: Literal["mean", "sum"] = "mean"
+    """The group loss over the batch: mean | sum (the authors' code: about B x lambda_soft)."""
+    beta: NonNegative = 1.0
+    """Slope of the soft labels."""
+    lambda_grc: NonNegative = 1.0
+    """Weight of the contrastive term (1 in the paper; 0 turns it off)."""
+    lambda_reg: NonNegative = 1.0
+    """lambda_1 of paper Eq. 5 (regression)."""
+    lambda_soft: NonNegative = 1.0
+    """lambda_2 of paper Eq. 5 (group classifier)."""
+    reg_loss: Literal["l1", "mse"] = "l1"
+    """Regression loss."""
+    reweight: Literal["none", "inverse", "sqrt_inv"] = "none"
+    """Weights on the regression loss."""
+    lds: bool = False
+    """Label distribution smoothing of the re-weighting counts."""
+    lds_kernel: Literal["gaussian", "triang", "laplace"] = "gaussian"
+    """LDS kernel."""
+    lds_ks: PositiveInt = 5
+    """LDS kernel size (odd)."""
+    lds_sigma: NonNegative = 2.0
+    """LDS kernel width."""
 
     # --- routing and calibration (after training, on validation only) -----------------------
-    select_route: str = "auto"     # headline route: auto (best on validation) | predicted | soft | adjusted | adjusted_soft
-    la_target: str = "val"         # logit adjustment's target group prior: val (the validation histogram) | uniform
-    crt_epochs: int = 0            # re-train the group classifier on frozen features with its balanced loss (epochs)
+    select_route: Literal["auto", "predicted", "soft", "adjusted", "adjusted_soft"] = "auto"
+    """Headline route: auto (the best on validation) or one route."""
+    la_target: Literal["val", "uniform"] = "val"
+    """Logit adjustment's target group prior: val (the validation histogram) | uniform."""
+    crt_epochs: NonNegativeInt = 0
+    """Re-train the group classifier on frozen features with its balanced loss, for this many epochs."""
 
     # --- model ------------------------------------------------------------------------------
-    backbone: str = "resnet18"     # resnet18 | resnet34 | resnet50 (random init)
+    backbone: Backbone = "resnet18"
+    """Encoder, randomly initialised."""
 
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    epochs: PositiveInt = 10
+    """Training epochs."""
+    batch_size: PositiveInt = 128
+    """The global batch, split among the workers."""
+    lr: Positive = 1e-3
+    """Adam learning rate."""
+    weight_decay: NonNegative = 1e-4
+    """Adam weight decay."""
     seed: int = 0
-    select_metric: str = "bmae/all"  # validation metric that picks the best checkpoint (lower is better)
-    threads: int = 0               # torch CPU threads per worker; 0: its CPUs (cpus_per_worker)
+    """Initial weights, data order, augmentation."""
+    select_metric: str = "bmae/all"
+    """Validation metric that picks the best checkpoint and route (lower is better)."""
+    threads: NonNegativeInt = 0
+    """torch CPU threads per worker; 0: its CPUs (cpus_per_worker)."""
 
     # --- distributed (Ray Train) ------------------------------------------------------------
-    workers: int = 1               # DDP workers (Ray Train actors); batch_size is split among them
-    cpus_per_worker: float = 0.0   # 0: the local Ray's CPUs shared among the workers (1 on a joined cluster)
-    gpus_per_worker: float = 1.0   # used when training on GPUs
-    device: str = "auto"           # auto (GPUs if the Ray cluster has any) | cpu | cuda
-    placement: str = "PACK"        # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers over nodes)
-    contrast_scope: str = "global"  # global: the loss sees every worker's batch | local: each its own
-    compile: bool = False          # torch.compile the model in each worker
-    address: str = ""              # Ray cluster: "" starts a local one, "auto" or "ray://host:10001" joins
-    storage_path: str = ""         # Ray checkpoints; "" = the run folder; a shared path or s3:// on clusters
-    max_failures: int = 2          # worker failures survived by restarting from the last checkpoint
-    fail_at_step: int = -1         # debug: the last worker exits at this optimizer step, once (for tests)
+    workers: PositiveInt = 1
+    """DDP workers (Ray Train actors)."""
+    cpus_per_worker: NonNegative = 0.0
+    """0: the local Ray's CPUs shared among the workers (1 on a joined cluster)."""
+    gpus_per_worker: NonNegative = 1.0
+    """Used when training on GPUs."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: GPUs if the Ray cluster has any."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy of the workers over nodes."""
+    contrast_scope: Literal["local", "global"] = "global"
+    """global: the contrastive loss sees every worker's batch | local: each worker its own."""
+    compile: bool = False
+    """torch.compile the model in each worker."""
+    address: str = ""
+    """Ray cluster: "" starts a local one; auto or ray://host:10001 joins one."""
+    storage_path: str = ""
+    """Ray checkpoints; "" = the run folder; a shared path or s3:// on clusters."""
+    max_failures: NonNegativeInt = 2
+    """Worker failures survived by restarting from the last checkpoint."""
 
     # --- tracking (MLflow) ------------------------------------------------------------------
-    tracking_uri: str = ""         # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
-    experiment: str = "groupdir"   # MLflow experiment name
+    tracking_uri: str = ""
+    """MLflow store; "" = $MLFLOW_TRACKING_URI (read by the CLI), else sqlite:///mlflow.db here."""
+    experiment: str = "groupdir"
+    """MLflow experiment name."""
 
-    def validate(self) -> "Config":
-        choices = {
-            "dataset": ("auto", *PRESET_CSV),
-            "crop": CROPS,
-            "method": ("groupdir", "vanilla"),
-            "grouping": ("equal_width", "equal_frequency"),
-            "similarity": SIMILARITIES,
-            "loss_backend": BACKENDS,
-            "group_loss": GROUP_LOSSES,
-            "soft_reduction": ("mean", "sum"),
-            "select_route": ("auto", *ROUTES),
-            "la_target": ("val", "uniform"),
-            "reg_loss": ("l1", "mse"),
-            "reweight": ("none", "inverse", "sqrt_inv"),
-            "lds_kernel": ("gaussian", "triang", "laplace"),
-            "backbone": BACKBONES,
-            "device": DEVICES,
-            "placement": PLACEMENTS,
-            "contrast_scope": CONTRAST_SCOPES,
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("image_size", "label_bin_width", "temperature", "epochs", "batch_size", "lr", "workers")
-        for key in positive:
-            value = getattr(self, key)
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{key}={value!r} must be a finite number > 0")
-        non_negative = ("loader_workers", "beta", "lambda_grc", "lambda_reg", "lambda_soft",
-                        "weight_decay", "threads", "few_shot", "lds_sigma", "cpus_per_worker", "gpus_per_worker",
-                        "max_failures", "crt_epochs")
-        for key in non_negative:
-            value = getattr(self, key)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
-        if self.num_groups < 1:
-            raise ConfigError(f"num_groups={self.num_groups} must be >= 1")
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> "Config":
         if self.method == "groupdir" and self.num_groups < 2:
-            raise ConfigError("method=groupdir needs num_groups >= 2 (one group is plain regression: "
-                              "use method=vanilla)")
+            raise ValueError("method=groupdir needs num_groups >= 2 (one group is plain regression: "
+                             "use method=vanilla)")
         if self.few_shot > self.many_shot:
-            raise ConfigError(f"few_shot={self.few_shot} must not exceed many_shot={self.many_shot}")
+            raise ValueError(f"few_shot={self.few_shot} must not exceed many_shot={self.many_shot}")
         if self.batch_size < 2:
-            raise ConfigError(f"batch_size={self.batch_size} must be >= 2 (the contrastive loss needs pairs)")
+            raise ValueError(f"batch_size={self.batch_size} must be >= 2 (the contrastive loss needs pairs)")
         if self.batch_size % self.workers or self.batch_size // self.workers < 2:
-            raise ConfigError(f"batch_size={self.batch_size} (the global batch) must split evenly into at least "
-                              f"2 samples for each of the workers={self.workers}")
+            raise ValueError(f"batch_size={self.batch_size} (the global batch) must split evenly into at least "
+                             f"2 samples for each of the workers={self.workers}")
         if self.lds and self.reweight == "none":
-            raise ConfigError("lds=true smooths the re-weighting counts: set reweight=inverse or sqrt_inv")
-        if self.lds_ks < 1 or self.lds_ks % 2 == 0:
-            raise ConfigError(f"lds_ks={self.lds_ks} must be an odd number >= 1")
+            raise ValueError("lds=true smooths the re-weighting counts: set reweight=inverse or sqrt_inv")
+        if self.lds_ks % 2 == 0:
+            raise ValueError(f"lds_ks={self.lds_ks} must be an odd number >= 1")
         if (self.label_min is None) != (self.label_max is None):
-            raise ConfigError("give both label_min and label_max, or neither")
+            raise ValueError("give both label_min and label_max, or neither")
         if self.label_min is not None and not self.label_min < self.label_max:
-            raise ConfigError(f"label_min={self.label_min} must be < label_max={self.label_max}")
-        metrics = [f"{m}/{shot}" for m in ("mae", "mse", "gm", "bmae") for shot in SHOTS]
-        if self.select_metric not in metrics:
-            raise ConfigError(f"select_metric={self.select_metric!r} is not one of {', '.join(metrics)}")
+            raise ValueError(f"label_min={self.label_min} must be < label_max={self.label_max}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric={self.select_metric!r} is not one of {', '.join(SELECT_METRICS)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+    def replace(self, **changes) -> "Config":
+        """A validated copy with `changes` (the config itself never changes)."""
+        return build(self.model_dump() | changes)
+
+
+KEYS = tuple(Config.model_fields)
+# Keys a resumed run or sweep may change: where Ray runs and how many crashes it survives.
+RESUME_MAY_CHANGE = ("address", "max_failures")
+
+
+def changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys (as "key: old -> new") that keep a run or sweep from resuming with `current`."""
+    return [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in sorted(current.items())
+            if recorded.get(key) != value and key not in RESUME_MAY_CHANGE]
+
+
+def build(values: dict[str, Any]) -> Config:
+    """A Config from typed values; a refusal names the key, its value and the rule."""
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(KEYS)}")
+    try:
+        return Config(**values)
+    except pydantic.ValidationError as err:
+        raise ConfigError(describe(err.errors()[0])) from None
+
+
+def describe(error: dict, model: type[BaseModel] | None = None) -> str:
+    """pydantic's error as one line in groupdir's words: `key=value` and what is wrong (`model`:
+    the model validated, Config by default; a nested key is written outer.inner)."""
+    if not error["loc"]:  # a rule over several keys: its own message names them
+        return str(error["ctx"]["error"]) if "error" in error.get("ctx", {}) else error["msg"]
+    key, value, kind = ".".join(map(str, error["loc"])), error["input"], error["type"]
+    field = field_at(model or Config, error["loc"])
+    if kind == "literal_error" and field is not None:
+        return f"{key}={value!r} is not one of {', '.join(map(str, typing.get_args(field.annotation)))}"
+    if kind in ("greater_than", "greater_than_equal", "finite_number"):
+        bounds = {name: getattr(item, name) for item in (field.metadata if field else []) for name in ("gt", "ge")
+                  if getattr(item, name, None) is not None} | error.get("ctx", {})
+        bound = f"> {bounds['gt']:g}" if "gt" in bounds else f">= {bounds.get('ge', 0):g}"
+        number = "a finite number" if (field.annotation is float if field else not isinstance(value, int)) else "an integer"
+        return f"{key}={value!r} must be {number} {bound}"
+    expected = {"int": "an integer", "bool": "true or false", "float": "a number", "dict": "a mapping"}.get(kind.split("_")[0])
+    if expected:
+        return f"{key}={value!r}: expected {expected}"
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r}"
+    if kind == "too_short":
+        return f"{key} must not be empty"
+    return f"{key}={value!r}: {error['msg']}"
+
+
+def field_at(model: type[BaseModel], loc: tuple):
+    """The pydantic field at `loc` in `model` (through nested models), or None."""
+    field = None
+    for name in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or name not in model.model_fields:
+            return None
+        field = model.model_fields[name]
+        model = field.annotation
+    return field
 
 
 def parse_value(key: str, text: Any) -> Any:
-    """One config value from text (an MLflow param, a key=value), typed as the key's field."""
-    return _parse_value(key, text, {f.name: str(f.type) for f in fields(Config)}[key])
-
-
-def _parse_value(key: str, text: Any, annotation: str) -> Any:
-    """Convert one override to the field's type; YAML gives us bools, numbers and null for free."""
-    if annotation == "str":
-        return str(text)  # no YAML here: an empty csv= stays "", not null
-    value = yaml.safe_load(text) if isinstance(text, str) else text
-    if value is None:
-        if "None" in annotation:
-            return None
-        raise ConfigError(f"{key} may not be null")
-    if annotation.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={text!r}: expected true or false")
-        return value
-    if annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={text!r}: expected an integer")
-        return value
-    if annotation.startswith("float"):
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={text!r}: expected a number")
-        return float(value)
-    return str(value)
+    """One config value from text (a key=value, an MLflow param), typed as the key's field; the
+    model checks the type. YAML gives us bools, numbers and null for free."""
+    if key not in Config.model_fields:
+        return text  # build() names it as unknown
+    annotation = Config.model_fields[key].annotation
+    if not isinstance(text, str):
+        return text
+    if annotation is str or typing.get_origin(annotation) is Literal:
+        return text  # no YAML here: an empty csv= stays "", not null
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and annotation is not bool:  # YAML reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """["key=value", ...] -> {key: "value"}; the values are converted by `load_config`."""
+    """["key=value", ...] -> {key: "value"}; the values are typed by `load_config`."""
     values = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -229,23 +302,38 @@ def config_path(name_or_path: str | Path) -> Path:
     return packaged
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = config_path(path)
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (a path, or a packaged config's name) <- overrides ("key=value" strings
-    or a dict); then validate."""
-    types = {f.name: str(f.type) for f in fields(Config)}
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = config_path(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read config file {path}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value")
-        values.update(loaded)
-    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(types)}")
-    parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
-    return Config(**parsed).validate()
+    """Defaults <- YAML file (a path, or a packaged config's name) <- overrides ("key=value"
+    strings or a dict), validated."""
+    values: dict[str, Any] = read_config_file(path) if path is not None else {}
+    given = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    values.update({key: parse_value(key, text) for key, text in given.items()})
+    # A YAML file may write a string key as a number (csv: 2024.csv is fine, experiment: 7 too).
+    strings = {key for key, field in Config.model_fields.items() if field.annotation is str}
+    return build({key: str(value) if key in strings and value is not None else value for key, value in values.items()})
+
+
+def config_reference() -> str:
+    """docs/config.md: every key with its type, default and docstring, in the model's order."""
+    from groupdir.tables import markdown_table
+
+    rows = []
+    for key, field in Config.model_fields.items():
+        annotation = field.annotation
+        kind = (" \\| ".join(typing.get_args(annotation)) if typing.get_origin(annotation) is Literal
+                else getattr(annotation, "__name__", str(annotation)).replace("|", "\\|"))
+        rows.append([f"`{key}`", kind, f"`{field.default!r}`", (field.description or "").replace("|", "/")])
+    return "\n".join(["# Config keys", "", "Generated by `groupdir config --markdown` from `groupdir/config.py`; "
+                      "every key works in a YAML file (`--config`) and as `key=value`.", "",
+                      *markdown_table(["key", "type", "default", "meaning"], rows, text_columns=4)]) + "\n"

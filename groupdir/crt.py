@@ -7,7 +7,7 @@ of its loss (balanced softmax, Ren et al. 2020: the loss sees logits + log pi_tr
 no longer carry the training group prior that makes it route rare labels to the bulk groups.
 
 Balanced softmax rather than cRT's class-balanced sampling, because it measured better on
-validation (docs/method.md): with groups of 5 and of 800 training samples, balanced batches show
+validation (docs/method-selection.md): with groups of 5 and of 800 training samples, balanced batches show
 the few rare samples over and over, and the classifier memorises them; the balanced loss sees every
 sample at its natural rate and corrects the prior in the loss, the same target without repetition.
 

@@ -26,16 +26,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from groupdir import __version__
 from groupdir.config import ROUTES, Config
 from groupdir.distributed import gather_rows
+from groupdir.errors import TrainingError
 from groupdir.grouping import Grouping
-from groupdir.labels import label_bins
+from groupdir.labels import label_bins, shot_of_bins
 from groupdir.losses import soft_group_labels
-from groupdir.metrics import error_metrics, group_metrics, shot_metrics, shot_of_bins
+from groupdir.metrics import error_metrics, group_metrics, shot_metrics
+from groupdir.model import DIRNet
 
 TEST_ROUTES = ROUTES                     # selectable: they read no label
 REFERENCE_ROUTES = ("oracle", "centroid")  # they read the true group: never a test result
@@ -135,7 +139,9 @@ def mixture(logits: np.ndarray, experts: np.ndarray) -> np.ndarray:
 
 
 def routes_of(cfg: Config) -> tuple[str, ...]:
-    return TEST_ROUTES + REFERENCE_ROUTES if cfg.method == "groupdir" else ("predicted",)
+    from groupdir.methods import get_method
+
+    return TEST_ROUTES + REFERENCE_ROUTES if get_method(cfg.method).grouped else ("predicted",)
 
 
 # ======================================== priors ===========================================
@@ -250,3 +256,37 @@ def route_values(outputs: Outputs, grouping: Grouping, train_labels, calibration
     centroids = group_centroids(train_labels, grouping)
     names = TEST_ROUTES if outputs.logits is not None else ("predicted",)
     return {name: route(outputs, name, grouping, calibration, centroids) for name in names}
+
+
+# ================================== a saved checkpoint =====================================
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DIRNet, dict]:
+    """The model of a run folder's checkpoint.pt, in evaluation mode, and the checkpoint itself (its
+    config, group edges, training labels and the calibration validation chose)."""
+    from groupdir import checkpoint
+    from groupdir.config import build
+    from groupdir.methods import get_method
+
+    saved = checkpoint.load(path)
+    if "calibration" not in saved:
+        raise TrainingError(f"checkpoint {path} has no route calibration (it predates groupdir "
+                            f"{__version__}); train it again")
+    cfg = build(saved["config"])
+    model = DIRNet(cfg.backbone, cfg.num_groups, grouped=get_method(cfg.method).grouped)
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval(), saved
+
+
+def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_size: int | None = None,
+                        device: str | None = None) -> dict:
+    """`groupdir eval`: the checkpoint's model on a split of a data root, every route, with the
+    calibration chosen on validation when it was trained; one process."""
+    from groupdir.config import build
+    from groupdir.data import open_data
+
+    target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, saved = load_model(path, target_device)
+    cfg = build({**saved["config"], "data": str(data), **({"batch_size": batch_size} if batch_size else {})})
+    outputs = predict(model, open_data(cfg, [split], augmented=None)[1][split], target_device)
+    return route_metrics(outputs, Grouping(tuple(saved["group_edges"])), saved["train_labels"].numpy(), cfg,
+                         Calibration.from_dict(saved["calibration"]))

@@ -12,23 +12,12 @@ import math
 
 import numpy as np
 
-from groupdir.config import SHOTS
-from groupdir.labels import label_bins
+from groupdir.labels import FEW_SHOT, MANY_SHOT, SHOTS, label_bins, shot_of_bins
 
 GM_EPSILON = 1e-8
 
 
-def shot_of_bins(bins: np.ndarray, train_labels, many: int = 100, few: int = 20,
-                 bin_width: float = 1.0) -> np.ndarray:
-    """'many' | 'median' | 'few' for each bin, from the training count of that bin."""
-    train_bins, train_counts = np.unique(label_bins(train_labels, bin_width), return_counts=True)
-    index = np.searchsorted(train_bins, bins)
-    found = (index < len(train_bins)) & (train_bins[np.minimum(index, len(train_bins) - 1)] == bins)
-    counts = np.where(found, train_counts[np.minimum(index, len(train_bins) - 1)], 0)
-    return np.where(counts > many, "many", np.where(counts < few, "few", "median"))
-
-
-def shot_metrics(pred, target, train_labels, many: int = 100, few: int = 20,
+def shot_metrics(pred, target, train_labels, many: int = MANY_SHOT, few: int = FEW_SHOT,
                  bin_width: float = 1.0) -> dict[str, float]:
     pred = _numpy(pred)
     target = _numpy(target)

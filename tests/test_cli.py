@@ -5,6 +5,7 @@ import ray
 import torch
 
 from groupdir.cli import main
+from helpers import TRAIN_ROWS, steps_per_epoch
 
 pytestmark = pytest.mark.slow  # every test runs the CLI end to end
 
@@ -17,15 +18,27 @@ def tracking(tmp_path, monkeypatch):
     return uri
 
 
-def test_synth_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
+def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards), "--dataset", "synth",
+                 "--max-resolution", "32", "--workers", "1"]) == 0
+    assert f"train {TRAIN_ROWS}" in capsys.readouterr().out
+    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["prepare", "--root", str(tiny_synth), "--out", str(tmp_path / "x"), "--num-shards", "5000"]) == 2
+    assert "fewer than --num-shards 5000" in capsys.readouterr().err
+
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_synth), "--out", str(run), "--config", "paper", "epochs=1",
-                 "batch_size=64", "num_groups=4"]) == 0
+    assert main(["train", "--data", str(shards), "--out", str(run), "--config", "paper", "epochs=1",
+                 "batch_size=64", "num_groups=4", "image_size=16"]) == 0
     out = capsys.readouterr().out
     assert "groupdir (predicted route)" in out  # the packaged paper config routes by the predicted group
     for route in ("adjusted tau", "adjusted_soft tau", "oracle", "centroid"):
         assert f"  {route}" in out, route
-    assert (run / "results.json").is_file() and (run / "checkpoint.pt").is_file()
+    results = json.loads((run / "results.json").read_text())
+    test_rows = json.loads((shards / "meta.json").read_text())["rows"]["test"]
+    assert results["predicted"]["n/all"] == test_rows  # every test row, read from the shards
+    assert (run / "checkpoint.pt").is_file()
 
     # A finished run is not overwritten without --force.
     assert main(["train", "--data", str(tiny_synth), "--out", str(run), "epochs=1"]) == 2
@@ -54,7 +67,7 @@ def test_synth_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
 
 def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--config", "papr"]) == 2
-    assert "no packaged config of that name; packaged: authors, calibrated, paper" in capsys.readouterr().err
+    assert "no packaged config of that name; packaged: agedb-dir, authors, calibrated" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "num_groups=banana"]) == 2
     assert "num_groups='banana': expected an integer" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
@@ -83,23 +96,6 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # ... and before anything was written: a corrected rerun just runs
 
 
-def test_prepare_then_train_on_shards(tiny_synth, tmp_path, capsys):
-    shards = tmp_path / "shards"
-    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards), "--dataset", "synth",
-                 "--max-resolution", "32", "--workers", "1"]) == 0
-    assert "train 600" in capsys.readouterr().out
-    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards)]) == 2
-    assert "--force" in capsys.readouterr().err
-    assert main(["prepare", "--root", str(tiny_synth), "--out", str(tmp_path / "x"), "--num-shards", "5000"]) == 2
-    assert "fewer than --num-shards 5000" in capsys.readouterr().err
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(shards), "--out", str(run), "epochs=1", "batch_size=64",
-                 "num_groups=4", "image_size=16"]) == 0
-    results = json.loads((run / "results.json").read_text())
-    test_rows = json.loads((shards / "meta.json").read_text())["rows"]["test"]
-    assert results["predicted"]["n/all"] == test_rows  # every test row, read from the shards
-
-
 def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tracking):
     import os
     import subprocess
@@ -108,11 +104,9 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tr
 
     from mlflow import MlflowClient
 
-    shards, run = tmp_path / "shards", tmp_path / "run"
-    assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards), "--max-resolution", "32",
-                 "--workers", "1"]) == 0
-    command = [sys.executable, "-m", "groupdir.cli", "train", "--data", str(shards), "--out", str(run),
-               "epochs=3", "batch_size=64", "num_groups=4", "image_size=16"]
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "groupdir.cli", "train", "--data", str(tiny_synth), "--out", str(run),
+               "epochs=2", "batch_size=64", "num_groups=4", "image_size=16"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -127,9 +121,9 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tr
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming the run in {run}" in again.stdout
     history = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[-1]["steps"] == 3 * (600 // 64)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["steps"] == 2 * steps_per_epoch(64)
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("groupdir").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, resumed
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mae/all")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mae/all")] == [1, 2]

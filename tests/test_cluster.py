@@ -14,7 +14,8 @@ import yaml
 
 from groupdir.cli import build_parser, load_training_config
 from groupdir.data.shards import Encoding, prepare, read_meta
-from groupdir.train import train
+from groupdir.driver import train
+from helpers import steps_per_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def test_two_workers_on_two_nodes_train_to_completion(tiny_synth, tmp_path):
         assert process.wait(timeout=60) == 0
     assert results["nodes"] == 2 and results["workers"] == 2
     assert results["predicted"]["n/all"] == read_meta(shards)["rows"]["test"]  # both nodes' slices, each row once
-    assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["steps"] == 300 // 32  # a shard each
+    assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["steps"] == steps_per_epoch(64, workers=2)  # a shard each
 
 
 def test_the_cluster_manifests_run_valid_train_commands():

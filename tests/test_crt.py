@@ -7,7 +7,7 @@ from groupdir.config import load_config
 from groupdir.crt import fit_balanced, retrain_classifier
 from groupdir.data import open_data
 from groupdir.model import DIRNet
-from groupdir.train import supervision
+from groupdir.recipe import supervision
 
 
 def test_crt_changes_only_the_classifier(tiny_synth):

@@ -1,8 +1,10 @@
 """Sweeps on a real local Ray and MLflow: nesting, the best trial, a failing trial, ASHA, an
-interrupted sweep resumed, and bad search spaces refused before Ray starts."""
+interrupted sweep resumed, and bad search spaces refused before Ray starts. The trials read the tiny
+data root through torch's DataLoader (FFCV's JIT compile would cost every trial half a minute)."""
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from mlflow import MlflowClient
 from groupdir import sweep
 from groupdir.cli import main
 from groupdir.errors import ConfigError
+from helpers import FailWhen
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"epochs": 2, "image_size": 16, "batch_size": 64, "num_groups": 5}
@@ -74,6 +77,23 @@ def test_bad_spaces_are_refused_naming_file_and_key(tmp_path, space, message):
     with pytest.raises(ConfigError) as refused:
         sweep.sweep_config(sweep.load_space(path), [])
     assert message in str(refused.value) and "space.yaml" in str(refused.value)
+
+
+@pytest.mark.parametrize("top, message", [
+    ({"trails": 3}, "unknown key 'trails'"),
+    ({"trials": 0}, "trials=0 must be an integer > 0"),
+    ({"asha": {"grace_period": -1}}, "asha.grace_period=-1 must be an integer >= 0"),
+    ({"asha": {"reduction_factor": 1}}, "asha.reduction_factor=1 must be a finite number > 1"),
+    ({"fixed": [1]}, "fixed=[1]: expected a mapping"),
+])
+def test_bad_space_files_are_refused_naming_the_setting(tmp_path, top, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"space": {"lr": {"choice": [0.1, 0.2]}}, **top}))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        sweep.load_space(path)
+    path.write_text(yaml.safe_dump({"space": {}}))
+    with pytest.raises(ConfigError, match="space must not be empty"):
+        sweep.load_space(path)
 
 
 @pytest.mark.slow
@@ -136,17 +156,17 @@ def test_asha_never_judges_a_trials_last_epoch():
 # ------------------------------------- sweeps on Ray -------------------------------------
 
 @pytest.mark.slow
-def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, local_ray, capsys):
+def test_sweep_nests_every_trial_under_one_parent(tiny_synth, tmp_path, tracking, local_ray, capsys):
     heads = {"ce": {"group_loss": "ce", "beta": 2.0}, "soft": {"group_loss": "soft", "beta": 0.5}}
     space = space_file(tmp_path, {"num_groups": {"choice": [2, 5]}, "temperature": {"loguniform": [0.1, 5.0]},
                                   "head": {"choice": heads}},
-                       fixed={k: v for k, v in TINY.items() if k != "num_groups"}, trials=4)
-    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 0
+                       fixed={k: v for k, v in TINY.items() if k != "num_groups"}, trials=2)
+    assert main(["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep")]) == 0
     assert "best on validation" in capsys.readouterr().out
 
     client, parent, children = sweep_runs(tracking)
-    assert len(children) == 4 and parent.info.status == "FINISHED"
-    assert len({child.data.params["temperature"] for child in children}) == 4, "Optuna drew the same point twice"
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    assert len({child.data.params["temperature"] for child in children}) == 2, "Optuna drew the same point twice"
     for child in children:
         assert child.data.params["num_groups"] in ("2", "5") and 0.1 <= float(child.data.params["temperature"]) <= 5
         bundle = heads[child.data.params["head"]]  # a bundle's name is the param; its keys reach the config
@@ -174,50 +194,44 @@ def test_sweep_nests_every_trial_under_one_parent(shards, tmp_path, tracking, lo
     assert (tmp_path / "sweep" / "trials" / best.data.tags["trial_id"] / "checkpoint.pt").is_file()
 
     # A finished sweep's folder is not reused by mistake.
-    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 2
+    assert main(["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep")]) == 2
     assert "pass --resume" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_a_failing_trial_is_failed_and_the_others_finish(shards, tmp_path, tracking, local_ray):
-    # fail_at_step kills a worker; with max_failures=0 Ray Train gives the trial up.
-    space = space_file(tmp_path, {"fail_at_step": {"grid": [-1, 3]}}, fixed={**TINY, "epochs": 2, "max_failures": 0},
-                       asha=False)
-    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep")]) == 0
-
-    client, parent, children = sweep_runs(tracking)
-    status = {child.data.params["fail_at_step"]: child for child in children}
-    assert status["3"].info.status == "FAILED" and "training failed" in status["3"].data.tags["error"]
-    assert status["-1"].info.status == "FINISHED" and "test/mae/all" in status["-1"].data.metrics
-    assert parent.info.status == "FINISHED" and parent.data.tags["best_run_id"] == status["-1"].info.run_id
-    assert parent.data.metrics["trials/failed"] == 1 and parent.data.metrics["trials/finished"] == 1
-
-
-@pytest.mark.slow
-def test_asha_stops_a_trial_that_falls_behind(shards, tmp_path, tracking, local_ray):
-    # One trial at a time, in grid order: a sane lr, then lr=10, whose first epoch leaves the network's
-    # outputs far off every label. At the first rung (epoch 1) it is worse than the only other
-    # result, so ASHA must stop it; the sane trial is first at its rungs and goes on.
-    space = space_file(tmp_path, {"lr": {"grid": [0.002, 10.0]}}, fixed={**TINY, "epochs": 4},
-                       asha={"grace_period": 1, "reduction_factor": 2})
-    assert main(["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep"),
-                 "--max-concurrent", "1"]) == 0
+def test_asha_stops_a_trial_that_falls_behind_and_a_failing_trial_is_failed(tiny_synth, tmp_path, tracking, local_ray):
+    # One trial at a time, in grid order: a sane lr; then lr=10, whose first epoch leaves the network's
+    # outputs far off every label: at the first rung (epoch 1) it is worse than the only other result,
+    # so ASHA must stop it, while the sane trial is first at its rungs and goes on; then a trial whose
+    # workers raise (max_failures=0: Ray Train gives it up), which must end FAILED with its error
+    # while the sweep goes on.
+    spec = sweep.load_space(space_file(tmp_path, {"lr": {"grid": [0.002, 10.0, 0.003]}},
+                                       fixed={**TINY, "epochs": 2, "max_failures": 0},
+                                       asha={"grace_period": 1, "reduction_factor": 2}), max_concurrent=1)
+    cfg = sweep.sweep_config(spec, [f"data={tiny_synth}", f"tracking_uri={tracking}"])
+    summary = sweep.run_sweep(spec, cfg, tmp_path / "sweep", worker_loop=FailWhen("lr", 0.003))
 
     client, parent, children = sweep_runs(tracking)
     by_lr = {float(child.data.params["lr"]): child for child in children}
-    stopped, kept = by_lr[10.0], by_lr[0.002]
+    kept, stopped, failed = by_lr[0.002], by_lr[10.0], by_lr[0.003]
     assert stopped.info.status == "KILLED" and stopped.data.tags["stopped_early"] == "ASHA after epoch 1"
     assert stopped.data.tags["stopped_epoch"] == "1"
-    assert len(val_history(client, stopped)) < 4 and "test/mae/all" not in stopped.data.metrics
-    assert kept.info.status == "FINISHED" and len(val_history(client, kept)) == 4
-    assert parent.data.metrics["trials/stopped_early"] == 1
+    assert len(val_history(client, stopped)) < 2 and "test/mae/all" not in stopped.data.metrics
+    assert kept.info.status == "FINISHED" and len(val_history(client, kept)) == 2
+    assert failed.info.status == "FAILED" and "injected failure: lr=0.003" in failed.data.tags["error"]
+    assert "test/mae/all" not in failed.data.metrics
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_run_id"] == kept.info.run_id
+    assert {key: parent.data.metrics[f"trials/{key}"] for key in ("finished", "stopped_early", "failed")} == \
+        {"finished": 1, "stopped_early": 1, "failed": 1}
+    assert summary["best"]["run_id"] == kept.info.run_id
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, tracking, local_ray):
-    space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 4},
-                       trials=3, asha=False)
-    command = ["tune", "--space", space, "--data", str(shards), "--out", str(tmp_path / "sweep"), "--max-concurrent", "1"]
+def test_an_interrupted_sweep_resumes_with_one_run_per_trial(tiny_synth, tmp_path, tracking, local_ray):
+    space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 2},
+                       trials=2, asha=False)
+    command = ["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep"),
+               "--max-concurrent", "1"]
     process = subprocess.Popen([sys.executable, "-m", "groupdir.cli", *command], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -228,7 +242,7 @@ def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, t
             break
     second = seen[-1].split()[0]
     client = MlflowClient(tracking)
-    for _ in range(120):  # ... and trained an epoch of its 4: Ctrl-C
+    for _ in range(120):  # ... and trained an epoch of its 2: Ctrl-C
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.trial_id = '{second}'")
         if runs and client.get_metric_history(runs[0].info.run_id, "epoch"):
             break
@@ -248,11 +262,11 @@ def test_an_interrupted_sweep_resumes_with_one_run_per_trial(shards, tmp_path, t
     assert main([*command, "--resume"]) == 0
     client, resumed_parent, children = sweep_runs(tracking)
     assert resumed_parent.info.run_id == parent.info.run_id and resumed_parent.info.status == "FINISHED"
-    assert len(children) == 3 and {child.info.status for child in children} == {"FINISHED"}
-    assert len({child.data.tags["trial_id"] for child in children}) == 3
+    assert len(children) == 2 and {child.info.status for child in children} == {"FINISHED"}
+    assert len({child.data.tags["trial_id"] for child in children}) == 2
     ids = {child.info.run_id: child for child in children}
     assert first.info.run_id in ids and interrupted.info.run_id in ids  # the same runs, not new ones
     assert ids[first.info.run_id].info.end_time == first.info.end_time, "a finished trial ran again"
     for child in children:  # every epoch logged exactly once, the interrupted trial's too
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
-        assert sorted(steps) == [1, 2, 3, 4], (child.data.tags["trial_id"], steps)
+        assert sorted(steps) == [1, 2], (child.data.tags["trial_id"], steps)

@@ -1,7 +1,7 @@
 import pytest
 
 from groupdir.errors import ConfigError
-from groupdir.tracking import RunLogger, check_reachable, open_run, resolve_uri
+from groupdir.tracking import Tracker, check_reachable, resolve_uri
 
 
 def test_uris_resolve_to_absolute_sqlite_and_file_stores_are_refused(tmp_path, monkeypatch):
@@ -27,26 +27,27 @@ def test_epochs_already_in_mlflow_are_not_logged_again(tmp_path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = open_run(uri, "e", "r", {"lr": 0.1}, {"method": "groupdir"})
-    assert open_run(uri, "e", "r", {}, {}, run_id=run_id) == run_id  # a resumed run reopens its run
-    logger = RunLogger(uri, run_id)
-    try:
+    tracker = Tracker(uri)
+    run_id = tracker.open_run("e", "r", {"lr": 0.1}, {"method": "groupdir"})
+    assert tracker.open_run("e", "r", {}, {}, run_id=run_id) == run_id  # a resumed run reopens its run
+    with tracker.system_metrics(run_id):
         history = [{"epoch": 1, "train/total": 3.0}, {"epoch": 2, "train/total": 2.0}]
-        logger.log_epochs(history[:1])
-        logger.log_epochs(history)  # after a restart the whole history comes again
-        logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
-        logger.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
-        assert not logger.final_logged()
+        tracker.log_epochs(run_id, history[:1])
+        tracker.log_epochs(run_id, history)  # after a restart the whole history comes again
+        tracker.log_epochs(run_id, history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
+        tracker.log_epochs(run_id, history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
+        assert not tracker.final_logged(run_id)
         results = {"predicted": {"mae/all": 1.5, "mae/few": float("nan")}, "adjusted": {"mae/all": 1.2},
                    "oracle": {"mae/all": 0.4}, "selected_route": "adjusted",
                    "calibration": {"shift": [0.1, -0.1], "tau": 0.7, "soft_tau": 1.0, "route_temperature": 0.5,
                                    "selected_route": "adjusted"},
                    "validation": {"bmae/all": 2.5}, "classifier_retraining": {"crt/steps": 30},
                    "best_epoch": 2, "steps": 20}
-        logger.log_final(results, {"lr": 0.1}, "table", {}, [])
-        assert logger.final_logged()  # a resumed driver's workers skip the final logging
-    finally:
-        logger.close()
+        tracker.log_results(run_id, results, {"lr": 0.1}, "table", {})
+        assert tracker.final_logged(run_id)  # a resumed driver's workers skip the final logging
+    assert tracker.run(run_id).info.status == "RUNNING"  # the driver ends the run, not the monitor
+    tracker.finish_run(run_id, "KILLED")
+    tracker.finish_run(run_id, "FINISHED", error="late")  # a run already ended keeps its status
     client = MlflowClient(uri)
     metrics = client.get_run(run_id).data.metrics
     assert metrics["test/mae/all"] == 1.2 and client.get_run(run_id).data.tags["selected_route"] == "adjusted"
@@ -57,3 +58,4 @@ def test_epochs_already_in_mlflow_are_not_logged_again(tmp_path):
     # epoch 3's NaN is left out (MLflow cannot plot it); its other metrics are there
     assert [m.step for m in client.get_metric_history(run_id, "val/mae/all")] == [3]
     assert client.get_run(run_id).data.params == {"lr": "0.1"}
+    assert client.get_run(run_id).info.status == "KILLED" and "error" not in client.get_run(run_id).data.tags

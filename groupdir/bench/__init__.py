@@ -17,10 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from groupdir.config import load_config
-from groupdir.data.synth import SynthSpec, write_synth
-from groupdir.atomic import write_json_atomic, write_text_atomic
+from groupdir.data.synth import SynthSpec
+from groupdir.atomic import write_text_atomic
 from groupdir.bench.method import bench_method
-from groupdir.train import HISTORY, ray_session, train
+from groupdir.checkpoint import HISTORY
+from groupdir.driver import ray_session, train
+from groupdir.tables import markdown_row, markdown_table
+
+__all__ = ["bench_ceiling", "bench_loader", "bench_loss", "bench_method", "bench_train"]
 
 LOADER_ENCODINGS = (("jpg", 500), ("jpg", 256), ("raw", 256))  # FFCV write mode, max_resolution
 
@@ -36,22 +40,18 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
     shards without pad-and-crop and flip. One untimed pass warms the page cache and FFCV's JIT; then
     `epochs` timed passes each, side by side.
     """
+    from groupdir.data import synthetic_shards
     from groupdir.data.dir_format import read_dir_table
     from groupdir.data.ffcv_loader import ShardLoader
     from groupdir.data.loaders import make_loader
-    from groupdir.data.shards import Encoding, is_shards_dir, prepare
+    from groupdir.data.shards import Encoding
 
-    data = out / "data"
-    if not (data / "synth_age.csv").is_file():
-        write_synth(data, SynthSpec(train=images, eval_cap=1, eval_min=1, image_size=250, image_size_max=500),
-                    force=True)
-    shards = {}
-    for mode, resolution in LOADER_ENCODINGS:
-        shards[mode, resolution] = out / f"shards-{mode}-{resolution}"
-        if not is_shards_dir(shards[mode, resolution]):
-            prepare(data, shards[mode, resolution], encoding=Encoding(max_resolution=resolution, write_mode=mode),
-                    workers=workers, force=True)
-    table = read_dir_table(data, check_images=False)
+    faces = SynthSpec(train=images, eval_cap=1, eval_min=1, image_size=250, image_size_max=500)
+    shards = {(mode, resolution): synthetic_shards(out, spec=faces, name=f"shards-{mode}-{resolution}",
+                                                   encoding=Encoding(max_resolution=resolution, write_mode=mode),
+                                                   workers=workers)
+              for mode, resolution in LOADER_ENCODINGS}
+    table = read_dir_table(out / "data", check_images=False)
 
     def rate(loader) -> float:
         for _ in loader:  # warm-up
@@ -62,12 +62,11 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
                 count += len(batch)
         return count / (time.perf_counter() - started)
 
-    header = " | ".join(f"FFCV {mode} {resolution} px" for mode, resolution in LOADER_ENCODINGS)
-    header += " | FFCV raw 256 px, decode + resize only"
+    header = ["output size", "torchvision/PIL", *(f"FFCV {mode} {resolution} px" for mode, resolution in LOADER_ENCODINGS),
+              "FFCV raw 256 px, decode + resize only"]
     lines = [f"Loader throughput in images/s (ratio to torchvision), training split of {table.size('train')} "
              f"synthetic faces of 250-500 px, {workers} worker processes each, batch {batch_size}, "
-             f"{epochs} timed passes after one warm-up",
-             "", f"| output size | torchvision/PIL | {header} |", "|---:|---:|" + "---:|" * (len(LOADER_ENCODINGS) + 1)]
+             f"{epochs} timed passes after one warm-up", "", *markdown_table(header, [], text_columns=0)]
     for size in sizes:
         baseline = rate(make_loader(table.paths["train"], table.labels["train"], size, batch_size, train=True,
                                     workers=workers))
@@ -78,7 +77,7 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
         # The profile: the eval pipeline is the train pipeline without pad-and-crop and flip.
         bare = rate(ShardLoader(shards["raw", 256], "train", size, batch_size, train=False, workers=workers))
         cells.append(f"{bare:.0f} ({bare / baseline:.2f}x)")
-        lines.append(f"| {size} | {baseline:.0f} | " + " | ".join(cells) + " |")
+        lines.append(markdown_row([size, f"{baseline:.0f}", *cells]))
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "loader.md", text)
@@ -87,19 +86,19 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
 
 
 def bench_train(out: Path, worker_counts=(1, 2), train_size: int = 2000, epochs: int = 3, batch_size: int = 128,
-                overrides: list[str] | None = None, tracking_uri: str = "") -> str:
+                overrides: list[str] | None = None, tracking_uri: str = "", data: str = "") -> str:
     """Training images per second per worker, end to end (FFCV shards -> DDP step), for each worker
-    count, one CPU thread per worker; scaling efficiency = per-worker rate / the 1-worker rate. Epoch
+    count, one CPU thread per worker, on `data` or the demo's synthetic shards of `train_size` faces; scaling efficiency = per-worker rate / the 1-worker rate. Epoch
     1 pays FFCV's JIT compile and is left out: the rate is the median of the later epochs."""
     import statistics
 
     from groupdir.data import synthetic_shards
 
-    shards = synthetic_shards(out, train_size)
+    data = data or str(synthetic_shards(out, train_size))
     rates = {}
     with ray_session(num_cpus=max(worker_counts)):
         for workers in worker_counts:
-            pairs = {"data": str(shards), "workers": workers, "epochs": epochs, "batch_size": batch_size,
+            pairs = {"data": data, "workers": workers, "epochs": epochs, "batch_size": batch_size,
                      "threads": 1, "device": "cpu", "experiment": "bench-train", "tracking_uri": tracking_uri}
             cfg = load_config(overrides=[f"{k}={v}" for k, v in pairs.items()] + list(overrides or []))
             run_dir = out / f"workers-{workers}"
@@ -108,13 +107,12 @@ def bench_train(out: Path, worker_counts=(1, 2), train_size: int = 2000, epochs:
             history = json.loads((run_dir / HISTORY).read_text())
             rates[workers] = statistics.median(h["images_per_second"] for h in history[1:] or history)
     base = rates[worker_counts[0]] / worker_counts[0]
-    lines = [f"Training throughput, synthetic faces ({train_size} training images, shards at 64 px), "
+    lines = [f"Training throughput, data {data}, "
              f"{cfg.backbone} at {cfg.image_size} px, global batch {batch_size}, {epochs} epochs, one CPU "
              f"thread per worker" + (f"; overrides: {' '.join(overrides)}" if overrides else ""), "",
-             "| workers | images/s, all workers | images/s per worker | scaling efficiency |",
-             "|---:|---:|---:|---:|"]
-    for workers, rate in rates.items():
-        lines.append(f"| {workers} | {rate:.0f} | {rate / workers:.0f} | {rate / workers / base:.2f} |")
+             *markdown_table(["workers", "images/s, all workers", "images/s per worker", "scaling efficiency"],
+                             [[workers, f"{rate:.0f}", f"{rate / workers:.0f}", f"{rate / workers / base:.2f}"]
+                              for workers, rate in rates.items()], text_columns=0)]
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "train.md", text)
     print(text)
@@ -126,18 +124,16 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
     """One device: the training step (bf16 autocast and channels_last on CUDA) fed by the FFCV loader,
     against the same step on a batch already on the device, the loader-free ceiling. Both run
     `steps` timed steps after as many warm-up steps."""
-    from groupdir.data import open_data
-    from groupdir.data.shards import Encoding, is_shards_dir, prepare
-    from groupdir.model import DIRNet
-    from groupdir.train import init_regressor_bias, supervision, train_step
-
     import torch
 
-    data, shards = out / "data", out / "shards"
-    if not (data / "synth_age.csv").is_file():
-        write_synth(data, SynthSpec(train=images, eval_cap=1, eval_min=1, image_size=source_size), force=True)
-    if not is_shards_dir(shards):
-        prepare(data, shards, encoding=Encoding(max_resolution=source_size), force=True)
+    from groupdir.data import open_data, synthetic_shards
+    from groupdir.data.shards import Encoding
+    from groupdir.methods import get_method
+    from groupdir.model import DIRNet
+    from groupdir.recipe import init_regressor_bias, supervision, train_step
+
+    shards = synthetic_shards(out, spec=SynthSpec(train=images, eval_cap=1, eval_min=1, image_size=source_size),
+                              encoding=Encoding(max_resolution=source_size))
     cfg = load_config(overrides={"data": str(shards), "backbone": backbone, "image_size": image_size,
                                  "batch_size": batch_size, "loader_workers": loader_workers})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,6 +143,7 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
     init_regressor_bias(net, labels, targets.grouping)
     net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    method = get_method(cfg.method)
 
     def batches():
         while True:
@@ -154,12 +151,12 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
 
     def rate(feed) -> float:
         for _ in range(steps):  # warm-up: cuDNN autotuning, FFCV's JIT, allocator
-            train_step(cfg, net, optimizer, *next(feed)[:2], targets, device)
+            train_step(cfg, method, net, optimizer, *next(feed)[:2], targets, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(steps):
-            train_step(cfg, net, optimizer, *next(feed)[:2], targets, device)
+            train_step(cfg, method, net, optimizer, *next(feed)[:2], targets, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return steps * batch_size / (time.perf_counter() - started)
@@ -176,9 +173,8 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
         + (", bf16 autocast, channels_last" if device.type == "cuda" else ", float32")
         + f", {steps} timed steps after {steps} warm-up steps; FFCV shards of {source_size} px JPEG faces, "
         f"{loader_workers} loader threads", "",
-        "| feed | images/s |", "|---|---:|",
-        f"| batch already on the device (ceiling) | {ceiling:.0f} |",
-        f"| FFCV loader | {fed:.0f} |", "",
+        *markdown_table(["feed", "images/s"], [["batch already on the device (ceiling)", f"{ceiling:.0f}"],
+                                               ["FFCV loader", f"{fed:.0f}"]]), "",
         f"Loader overhead: {100 * (1 - fed / ceiling):.1f}% of the ceiling (FFCV / ceiling = {fed / ceiling:.2f}).",
     ]) + "\n"
     write_text_atomic(out / "ceiling.md", text)
@@ -228,9 +224,8 @@ def bench_loss(out: Path, batch_sizes=(128, 256, 512, 1024, 4096, 8192), dims=(1
     lines = [f"Contrastive loss, forward + backward, {num_groups} groups, cosine, float32, on "
              f"{torch.cuda.get_device_name() if cuda else 'the CPU'}: median ms of {repeats} runs"
              + (" (peak MiB)" if cuda else "") + "; naive only up to B = " + str(naive_max), "",
-             "| D | B | matmul floor | " + " | ".join(backends) + " | torch speed-up over naive"
-             + (" | triton / floor" if cuda else "") + " |",
-             "|---:|---:|---:|" + "---:|" * len(backends) + "---:|" + ("---:|" if cuda else "")]
+             *markdown_table(["D", "B", "matmul floor", *backends, "torch speed-up over naive",
+                              *(["triton / floor"] if cuda else [])], [], text_columns=0)]
     for dim in dims:
         for batch in batch_sizes:
             generator = torch.Generator().manual_seed(batch)
@@ -249,7 +244,7 @@ def bench_loss(out: Path, batch_sizes=(128, 256, 512, 1024, 4096, 8192), dims=(1
             cells.append(f"{timing['naive'] / timing['torch']:.0f}x" if "naive" in timing else "-")
             if cuda:
                 cells.append(f"{timing['triton'] / floor_ms:.2f}")
-            lines.append(f"| {dim} | {batch} | " + " | ".join(cells) + " |")
+            lines.append(markdown_row([dim, batch, *cells]))
             print(lines[-1], flush=True)
     text = ((correctness + "\n") if cuda else "") + "\n".join(lines) + "\n"
     write_text_atomic(out / "loss.md", text)

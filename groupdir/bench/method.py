@@ -29,6 +29,7 @@ from groupdir.atomic import write_json_atomic, write_text_atomic
 from groupdir.config import config_path, load_config, parse_overrides
 from groupdir.data import synthetic_shards
 from groupdir.errors import ConfigError
+from groupdir.tables import markdown_table
 
 # name -> (packaged config or None, key=value overrides). The calibrated variant's settings were
 # chosen on validation (docs/results.md), never on test.
@@ -50,9 +51,14 @@ GOALS = (("mae/few", 0.85, "few-shot MAE at most 0.85x vanilla's"),
 
 
 def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int = 3, concurrent: int = 2,
-                 overrides: list[str] | None = None, tracking_uri: str = "", methods: list[str] | None = None) -> str:
-    from groupdir import tracking
-    from groupdir.train import RESULTS, ray_session, train
+                 overrides: list[str] | None = None, tracking_uri: str = "", methods: list[str] | None = None,
+                 data: str = "") -> str:
+    """Every method (or `methods`) for seeds 0 .. seeds-1 on the same data: `data` (shards or a DIR
+    data root), else the demo's synthetic set of `train_size` training faces; the table with paired
+    differences and verdicts goes to out/method.md. Finished runs are kept: a rerun resumes."""
+    from groupdir.checkpoint import RESULTS
+    from groupdir.driver import ray_session, train
+    from groupdir.tracking import Tracker, check_reachable, resolve_uri
 
     overrides = list(overrides or [])
     methods = list(methods or METHODS)
@@ -60,7 +66,8 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
     if unknown or "vanilla" not in methods:
         raise ConfigError(f"--methods: {', '.join(unknown) or 'vanilla missing'}; pick from {', '.join(METHODS)} "
                          f"(vanilla always: the goals are against it)")
-    settings = {"train_size": train_size, "epochs": epochs, "overrides": overrides,
+    data = str(Path(data).resolve()) if data else ""
+    settings = {"data": data or f"synthetic, {train_size} training images", "epochs": epochs, "overrides": overrides,
                 "methods": {name: {"config": config_path(METHODS[name][0]).read_text() if METHODS[name][0] else None,
                                    **METHODS[name][1]} for name in methods}}
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +77,7 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
                                   f"pick another --out or delete it")
     else:
         write_json_atomic(out / "settings.json", settings)
-    shards = synthetic_shards(out, train_size)
+    data = data or str(synthetic_shards(out, train_size))
     started = time.perf_counter()
 
     def run(name: str, seed: int) -> dict:
@@ -78,7 +85,7 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
         if (run_dir / RESULTS).is_file():
             return json.loads((run_dir / RESULTS).read_text())
         config, pairs = METHODS[name]
-        common = {"data": str(shards), "epochs": epochs, "seed": seed, "workers": 1, "cpus_per_worker": 1,
+        common = {"data": data, "epochs": epochs, "seed": seed, "workers": 1, "cpus_per_worker": 1,
                   "experiment": EXPERIMENT, "tracking_uri": tracking_uri}
         cfg = load_config(config, {**pairs, **common, **parse_overrides(overrides)})
         print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
@@ -88,9 +95,9 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
 
     # The MLflow store and experiment exist before the runs start, so that concurrent runs never race
     # to create them.
-    tracking_uri = tracking.resolve_uri(tracking_uri)
-    tracking.check_reachable(tracking_uri)
-    tracking.experiment_id(tracking_uri, EXPERIMENT)
+    tracking_uri = resolve_uri(tracking_uri)
+    check_reachable(tracking_uri)
+    Tracker(tracking_uri).experiment_id(EXPERIMENT)
     jobs = [(name, seed) for seed in range(seeds) for name in methods]
     with ray_session(num_cpus=concurrent), ThreadPoolExecutor(concurrent) as pool:
         futures = [pool.submit(run, name, seed) for name, seed in jobs]
@@ -101,7 +108,7 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
             raise
     results = {name: [finished[name, seed] for seed in range(seeds)] for name in methods}
     minutes = (time.perf_counter() - started) / 60
-    table = method_table(results, train_size, epochs, overrides, minutes)
+    table = method_table(results, settings["data"], epochs, overrides, minutes)
     write_text_atomic(out / "method.md", table)
     write_json_atomic(out / "method.json", results)
     print(table)
@@ -110,34 +117,32 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
 
 # ======================================== tables ===========================================
 
-def method_table(results: dict[str, list[dict]], train_size: int, epochs: int, overrides: list[str],
+def method_table(results: dict[str, list[dict]], data: str, epochs: int, overrides: list[str],
                  minutes: float) -> str:
     seeds = len(next(iter(results.values())))
-    lines = [f"Synthetic face-age DIR ({train_size} training images), {epochs} epochs, seeds 0-{seeds - 1} paired "
+    lines = [f"Data: {data}; {epochs} epochs, seeds 0-{seeds - 1} paired "
              f"across methods" + (f"; overrides: {' '.join(overrides)}" if overrides else "")
              + f"; wall time {minutes:.1f} min.",
              "Test split, each method's headline route (chosen on validation for the calibrated variant), "
              "mean +- std over seeds:", "",
-             "| method | route | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
-    for name, runs in results.items():
-        routes = sorted({run["selected_route"] for run in runs})
-        cells = [spread(metric(runs, column)) for column in COLUMNS]
-        lines.append(f"| {name} | {', '.join(routes)} | " + " | ".join(cells) + " |")
+             *markdown_table(["method", "route", *COLUMNS],
+                             [[name, ", ".join(sorted({run["selected_route"] for run in runs})),
+                               *(spread(metric(runs, column)) for column in COLUMNS)]
+                              for name, runs in results.items()], text_columns=2)]
     lines += ["", "Every route of the Group-DIR runs (test, mean +- std over seeds; oracle and centroid read the true "
                   "group: references, not test results):", "",
-              "| method | route | " + " | ".join(ROUTE_COLUMNS) + " |", "|---|---|" + "---:|" * len(ROUTE_COLUMNS)]
-    for name, runs in results.items():
-        for route in ("predicted", "soft", "adjusted", "adjusted_soft", "oracle", "centroid") if "oracle" in runs[0] else ():
-            cells = [spread(metric(runs, column, route)) for column in ROUTE_COLUMNS]
-            lines.append(f"| {name} | {route} | " + " | ".join(cells) + " |")
+              *markdown_table(["method", "route", *ROUTE_COLUMNS],
+                              [[name, route, *(spread(metric(runs, column, route)) for column in ROUTE_COLUMNS)]
+                               for name, runs in results.items() if "oracle" in runs[0]
+                               for route in ("predicted", "soft", "adjusted", "adjusted_soft", "oracle", "centroid")],
+                              text_columns=2)]
     for name, runs in results.items():
         if "calibration" in runs[0] and runs[0]["calibration"]["shift"]:
             chosen = "; ".join(f"seed {seed}: {describe_route(run)}" for seed, run in enumerate(runs))
             lines += ["", f"{name}: validation chose {chosen}."]
     lines += ["", f"Paired differences, Group-DIR variant minus baseline, per seed (negative: Group-DIR errs "
-                  f"less); mean +- standard error over {seeds} seeds:", "",
-              "| comparison | " + " | ".join(CLAIMS) + " |", "|---|" + "---:|" * len(CLAIMS)]
-    verdicts = []
+                  f"less); mean +- standard error over {seeds} seeds:", ""]
+    comparisons, verdicts = [], []
     for ours in (name for name in results if name not in BASELINES):
         for theirs in (name for name in BASELINES if name in results):
             cells = []
@@ -146,7 +151,8 @@ def method_table(results: dict[str, list[dict]], train_size: int, epochs: int, o
                 cells.append(f"{mean:+.2f} +- {error:.2f}")
                 verdicts.append(f"- {ours} lowers {column} vs {theirs}: {verdict(mean, error)} "
                                 f"({mean:+.2f} +- {error:.2f})")
-            lines.append(f"| {ours} vs {theirs} | " + " | ".join(cells) + " |")
+            comparisons.append([f"{ours} vs {theirs}", *cells])
+    lines += markdown_table(["comparison", *CLAIMS], comparisons)
     lines += ["", "Claims (a claim holds when the paired difference favours Group-DIR by more than two standard "
                   "errors):"] + verdicts
     lines += ["", "Goals against vanilla (ratio of seed means):"]

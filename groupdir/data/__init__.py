@@ -53,20 +53,22 @@ def set_epoch(loader, epoch: int) -> None:
         loader.epoch = epoch
 
 
-def synthetic_shards(out: Path, train_size: int = 4000) -> Path:
-    """The embedded default's data: a synthetic face-age set (seed 0) in out/data and its FFCV shards
-    in out/shards, each written only if missing (the demo, a sweep without --data and the method
-    benchmark share them)."""
+def synthetic_shards(out: Path, train_size: int = 4000, spec=None, encoding=None, name: str = "shards",
+                     workers: int = -1) -> Path:
+    """A synthetic face-age set in out/data and its FFCV shards in out/NAME, each written only if
+    missing: the embedded default's data (the demo, a sweep without --data, the benchmarks) by
+    default (seed 0, 64 px), or those of `spec` (data.synth.SynthSpec) and `encoding`
+    (data.shards.Encoding)."""
     from groupdir.data.shards import Encoding, prepare
     from groupdir.data.synth import SynthSpec, write_synth
 
-    data, shards = Path(out) / "data", Path(out) / "shards"
+    data, shards = Path(out) / "data", Path(out) / name
     if (data / "synth_age.csv").is_file():
         print(f"using the synthetic data set already in {data}", flush=True)
     else:
         print(f"writing a synthetic face-age data set to {data} ...", flush=True)
-        write_synth(data, SynthSpec(train=train_size, seed=0))
+        write_synth(data, spec or SynthSpec(train=train_size, seed=0), force=True)
     if not is_shards_dir(shards):
         print(f"encoding it into FFCV shards in {shards} ...", flush=True)
-        prepare(data, shards, encoding=Encoding(max_resolution=64), force=True)
+        prepare(data, shards, encoding=encoding or Encoding(max_resolution=64), workers=workers, force=True)
     return shards

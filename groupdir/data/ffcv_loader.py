@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from groupdir.data.shards import read_meta
-from groupdir.errors import ConfigError
+from groupdir.data.shards import check_shards_fit, read_meta
 
 
 class ShardLoader:
@@ -30,9 +29,7 @@ class ShardLoader:
         shards = read_meta(shards_dir)["shards"][split]
         self.files = [Path(shards_dir) / shard["file"] for shard in shards]
         rows = [shard["rows"] for shard in shards]
-        if len(self.files) > 1 and len(self.files) % world_size:
-            raise ConfigError(f"{len(self.files)} shards of split {split!r} cannot be shared by {world_size} "
-                             f"ranks; prepare with --num-shards a multiple of the world size")
+        check_shards_fit({"shards": {split: shards}}, world_size, batch_size * world_size)
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.seed, self.workers, self.rank, self.world_size = seed, workers, rank, world_size
         self.crop = crop

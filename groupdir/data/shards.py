@@ -26,8 +26,7 @@ from groupdir.atomic import atomic_folder
 from groupdir.config import WRITE_MODES
 from groupdir.data.dir_format import SPLITS, DIRTable, read_dir_table
 from groupdir.errors import ConfigError, DataError
-from groupdir.metrics import shot_of_bins
-from groupdir.labels import label_bins
+from groupdir.labels import FEW_SHOT, MANY_SHOT, label_bins, shot_of_bins
 
 META = "meta.json"
 
@@ -48,8 +47,8 @@ def shard_names(split: str, num_shards: int) -> list[str]:
 
 def prepare(root: str | Path, out: str | Path, dataset: str = "auto", csv: str = "",
             encoding: Encoding | None = None, workers: int = -1, num_shards: int = 1, force: bool = False,
-            skip_bad: bool = False, label_bin_width: float = 1.0, many_shot: int = 100,
-            few_shot: int = 20) -> dict:
+            skip_bad: bool = False, label_bin_width: float = 1.0, many_shot: int = MANY_SHOT,
+            few_shot: int = FEW_SHOT) -> dict:
     """Validate every row of a DIR data root, encode it into FFCV shards at `out`; return meta.json."""
     encoding = encoding or Encoding()
     out = Path(out).resolve()
@@ -144,3 +143,16 @@ def is_shards_dir(path: str | Path) -> bool:
 
 def shard_labels(shards_dir: str | Path, split: str) -> np.ndarray:
     return np.load(Path(shards_dir) / f"labels-{split}.npy")
+
+
+def check_shards_fit(meta: dict, workers: int, batch_size: int) -> None:
+    """Every worker gets whole shards of each split (a split in one shard is read by row ranges),
+    and each train shard holds a full per-worker batch."""
+    for split, shards in meta["shards"].items():
+        if len(shards) > 1 and len(shards) % workers:
+            raise ConfigError(f"{len(shards)} shards of split {split!r} cannot be shared by workers={workers}; "
+                              f"prepare with --num-shards a multiple of the worker count")
+        smallest = min(shard["rows"] for shard in shards)
+        if split == "train" and len(shards) > 1 and smallest < batch_size // workers:
+            raise ConfigError(f"a train shard of {smallest} rows holds no full batch of {batch_size // workers} "
+                              f"per worker; prepare fewer shards")

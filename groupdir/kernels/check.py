@@ -55,9 +55,9 @@ def kernel_cases(device: str = "cpu") -> dict[str, dict]:
 
 
 def check_table(results: dict[str, dict]) -> str:
-    lines = ["| case | input | Triton loss | naive float64 loss | max gradient error / scale | ok |",
-             "|---|---|---:|---:|---:|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['dtype'].removeprefix('torch.')} | {r['loss']:.7f} | {r['reference']:.7f} | "
-                     f"{r['grad_error'] / r['grad_scale']:.1e} | {'yes' if r['ok'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    from groupdir.tables import markdown_table
+
+    rows = [[name, r["dtype"].removeprefix("torch."), f"{r['loss']:.7f}", f"{r['reference']:.7f}",
+             f"{r['grad_error'] / r['grad_scale']:.1e}", "yes" if r["ok"] else "NO"] for name, r in results.items()]
+    header = ["case", "input", "Triton loss", "naive float64 loss", "max gradient error / scale", "ok"]
+    return "\n".join(markdown_table(header, rows, text_columns=2)) + "\n"

@@ -18,7 +18,8 @@ def training_steps() -> dict:
     1e-7 into visible ones within a few steps, whatever the backend."""
     from groupdir.config import load_config
     from groupdir.model import DIRNet
-    from groupdir.train import supervision, train_step
+    from groupdir.methods import get_method
+    from groupdir.recipe import supervision, train_step
 
     losses = {}
     for backend in ("torch", "triton"):
@@ -30,7 +31,7 @@ def training_steps() -> dict:
         labels = torch.randint(0, 40, (16,), generator=generator).double()
         targets = supervision(cfg, labels.numpy())
         images = torch.randint(0, 255, (16, 3, 16, 16), generator=generator, dtype=torch.uint8)
-        losses[backend] = [train_step(cfg, net, optimizer, images, labels, targets, torch.device("cpu"))
+        losses[backend] = [train_step(cfg, get_method(cfg.method), net, optimizer, images, labels, targets, torch.device("cpu"))
                            for _ in range(5)]
     return losses
 

@@ -24,10 +24,14 @@ def test_soft_labels_shape_sum_peak_symmetry_and_descent():
                     assert row[j] < row[closer]  # strictly descending with distance
 
 
-def test_soft_labels_follow_the_paper_formula():
-    q = soft_group_labels(torch.tensor([3]), 6, beta=1.0)[0]
-    logits = torch.tensor([6 - abs(j - 3) * 1.0 for j in range(6)])
-    torch.testing.assert_close(q, logits.softmax(0))
+@pytest.mark.parametrize("beta", [0.3, 1.0, 2.5])
+def test_each_group_further_away_gets_exp_beta_times_less(beta):
+    """The paper's soft labels descend geometrically: q_j / q_(j+1) = exp(beta) moving away from
+    the true group, on either side, whatever G."""
+    q = soft_group_labels(torch.tensor([3]), 7, beta=beta)[0].double()
+    ratios = [q[j] / q[j - 1] for j in range(4, 7)] + [q[j] / q[j + 1] for j in range(0, 3)]
+    torch.testing.assert_close(torch.stack(ratios), torch.full((6,), torch.exp(torch.tensor(-beta)).item(),
+                                                               dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 def test_beta_zero_is_uniform_and_large_beta_is_one_hot():

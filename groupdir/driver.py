@@ -1,0 +1,220 @@
+"""The Ray Train driver: `train(cfg, run_dir)` runs one training run to its end.
+
+    preflight   everything that can be refused before Ray starts (config, data, tracking store)
+    resources   CPUs per worker, GPUs or not; a run the cluster cannot hold is refused
+    run folder  a finished run is kept, an unfinished one with the same config is resumed
+    trainer     a TorchTrainer runs recipe.train_worker on `workers` DDP ranks
+    result      the final checkpoint's best model and results go to the run folder:
+                checkpoint.pt (best on validation), history.json, results.json (last: "finished")
+
+Fault tolerance: every epoch ends with a checkpoint; a failed worker makes Ray restart all workers
+from the latest one, and the loaders replay that epoch's order. Rerunning the same command on the
+same run folder after a driver crash does the same, and reopens the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from groupdir import checkpoint, recipe
+from groupdir.atomic import copy_file_atomic, write_json_atomic
+from groupdir.config import Config, changed_settings
+from groupdir.data import train_labels
+from groupdir.data.shards import META, check_shards_fit, is_shards_dir, read_meta
+from groupdir.errors import ConfigError, TrainingError
+from groupdir.tracking import Tracker, check_reachable, provenance_tags, resolve_uri
+
+RUN_RECORD = "run.json"  # run folder: the MLflow run id, Ray's run name and the config, for resuming
+WorkerLoop = Callable[[recipe.Job], None]
+
+
+def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool = False,
+          worker_loop: WorkerLoop = recipe.train_worker) -> dict:
+    """Train on Ray (embedded or `cfg.address`), track in MLflow, write the run folder; returns the
+    test results. `worker_loop`: what each worker runs (tests wrap the recipe to inject failures)."""
+    run_dir = Path(run_dir).resolve()
+    cfg = resolve_paths(cfg)
+    dataset = preflight(cfg)
+    check_reachable(cfg.tracking_uri)
+    if cfg.address and cfg.tracking_uri.startswith("sqlite:"):
+        print(f"note: on a multi-node cluster every node must see {cfg.tracking_uri} at that path; "
+              f"otherwise run an MLflow server (docs/distributed.md: Run on a cluster)", flush=True)
+    with ray_session(cfg.address):
+        cfg, use_gpu = fit_resources(cfg)  # before anything is written: a refused run leaves no trace
+        previous = claim_run_dir(run_dir, cfg, force)
+        if previous:
+            print(f"resuming the run in {run_dir} (MLflow run {previous['mlflow_run_id']})", flush=True)
+        run_id = Tracker(cfg.tracking_uri).open_run(cfg.experiment, run_dir.name, cfg.to_dict(),
+                                                    provenance_tags(cfg, dataset),
+                                                    previous["mlflow_run_id"] if previous else "")
+        # Ray keeps the checkpoints in storage/ray_name; a new name for every fresh run, so that runs
+        # sharing a storage_path (or a run started over with --force) never pick up another's.
+        ray_name = previous["ray_name"] if previous else f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+        write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "ray_name": ray_name,
+                                                 "config": cfg.to_dict()})
+        return train_run(cfg, use_gpu, run_dir, cfg.storage_path or str(run_dir / "ray"), ray_name, run_id,
+                         progress, worker_loop=worker_loop)
+
+
+def train_run(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, run_id: str,
+              progress: bool, callbacks: tuple = (), mark_failures: bool = True,
+              worker_loop: WorkerLoop = recipe.train_worker) -> dict:
+    """One training run to its end, in a connected Ray session: the TorchTrainer, then the run folder
+    and the MLflow run's status. Shared by `train` and every sweep trial; returns the test results.
+    A sweep trial passes mark_failures=False: only the sweep's driver can tell a failure from a
+    trial that Tune tears down (stopped early, or the sweep interrupted)."""
+    tracker = Tracker(cfg.tracking_uri)
+    try:
+        final = run_trainer(cfg, use_gpu, run_dir, storage, ray_name, recipe.Job(cfg, run_id, progress),
+                            callbacks, worker_loop)
+    except BaseException as err:
+        if mark_failures:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            tracker.finish_run(run_id, "KILLED" if interrupted else "FAILED",
+                               error="" if interrupted else f"{type(err).__name__}: {err}")
+        raise
+    tracker.log_artifact(run_id, run_dir / checkpoint.CHECKPOINT)
+    if is_shards_dir(cfg.data):
+        tracker.log_artifact(run_id, Path(cfg.data) / META)
+    write_json_atomic(run_dir / checkpoint.HISTORY, final["history"])
+    tracker.finish_run(run_id, "FINISHED")
+    write_json_atomic(run_dir / checkpoint.RESULTS, final["results"])  # last: its presence means "finished"
+    return final["results"]
+
+
+def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, job: recipe.Job,
+                callbacks: tuple, worker_loop: WorkerLoop) -> dict:
+    """One Ray Train run; copies the best model to the run folder and returns the results and
+    history of the final checkpoint. `callbacks`: Ray Train callbacks (a sweep trial passes Tune's,
+    which forwards every report to the Tune scheduler)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.placement),
+        run_config=ray.train.RunConfig(
+            name=ray_name, storage_path=storage, callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {worker_error(err)}") from None
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        if (folder / checkpoint.STOPPED).exists():
+            raise TrainingError(json.loads((folder / checkpoint.STOPPED).read_text())["message"])
+        copy_file_atomic(folder / checkpoint.CHECKPOINT, run_dir / checkpoint.CHECKPOINT)
+        return {"results": json.loads((folder / checkpoint.RESULTS).read_text()),
+                "history": json.loads((folder / checkpoint.HISTORY).read_text())}
+
+
+# ================================ before the trainer starts ===============================
+
+def resolve_paths(cfg: Config) -> Config:
+    """Paths made absolute, since Ray workers run in other folders (or on other nodes)."""
+    return cfg.replace(data=str(Path(cfg.data).resolve()) if cfg.data else "",
+                       storage_path=local_absolute(cfg.storage_path), tracking_uri=resolve_uri(cfg.tracking_uri))
+
+
+def preflight(cfg: Config) -> str:
+    """Everything that can be refused before Ray starts; returns the data set's name."""
+    if not cfg.data:
+        raise ConfigError("no data: pass --data DATA (FFCV shards or a DIR data root)")
+    labels = train_labels(cfg)
+    recipe.supervision(cfg, labels)  # raises on more groups than labels, a bad LDS setting
+    if len(labels) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training rows: no full batch")
+    if is_shards_dir(cfg.data):
+        meta = read_meta(cfg.data)
+        check_shards_fit(meta, cfg.workers, cfg.batch_size)
+        return meta["dataset"]
+    return Path(cfg.data).name
+
+
+def claim_run_dir(run_dir: Path, cfg: Config, force: bool) -> dict | None:
+    """A finished run is kept unless `force`; an unfinished one with the same config is resumed.
+    Returns the run record to resume from, or None for a fresh run."""
+    record_file = run_dir / RUN_RECORD
+    if force:
+        for name in (checkpoint.CHECKPOINT, checkpoint.RESULTS, checkpoint.HISTORY, RUN_RECORD):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "ray", ignore_errors=True)
+    elif (run_dir / checkpoint.RESULTS).exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run; pick another --out or pass --force")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not record_file.exists():
+        return None
+    record = json.loads(record_file.read_text())
+    changed = changed_settings(record["config"], cfg.to_dict())
+    if changed:
+        raise ConfigError(f"{run_dir} holds an unfinished run with other settings ({', '.join(changed)}); "
+                          f"rerun with the same settings to resume it, or pass --force to start over")
+    return record
+
+
+@contextlib.contextmanager
+def ray_session(address: str = "", num_cpus: int | None = None):
+    """Connect to `address`, or start an embedded local Ray that stops on leaving; an already
+    connected session (a test's, the demo's) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def fit_resources(cfg: Config, runs_at_once: int = 1) -> tuple[Config, bool]:
+    """The config with cpus_per_worker resolved, and whether to train on GPUs (device=auto: when the
+    cluster has any). cpus_per_worker=0 shares the local Ray's CPUs out among `runs_at_once` runs'
+    workers (1 on a cluster joined by address, which may grow). A run that cannot fit is refused (Ray
+    would wait for resources forever), unless the cluster may grow."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
+    if not cfg.cpus_per_worker:
+        share = 1.0 if cfg.address else float(max(1, int(cpus // (runs_at_once * cfg.workers))))
+        cfg = cfg.replace(cpus_per_worker=share)
+    use_gpu = gpus > 0 if cfg.device == "auto" else cfg.device == "cuda"
+    if use_gpu and (cfg.gpus_per_worker < 1 or cfg.gpus_per_worker != int(cfg.gpus_per_worker)):
+        raise ConfigError(f"gpus_per_worker={cfg.gpus_per_worker:g}: each DDP worker needs whole GPUs of its own "
+                          f"(NCCL refuses two workers on one GPU)")
+    if not cfg.address:
+        if cfg.workers * cfg.cpus_per_worker > cpus:
+            raise ConfigError(f"workers={cfg.workers} x cpus_per_worker={cfg.cpus_per_worker:g} needs "
+                              f"{cfg.workers * cfg.cpus_per_worker:g} CPUs; this Ray has {cpus:g}")
+        if use_gpu and cfg.workers * cfg.gpus_per_worker > gpus:
+            raise ConfigError(f"workers={cfg.workers} x gpus_per_worker={cfg.gpus_per_worker:g} needs more "
+                              f"GPUs than the {gpus:g} here")
+    return cfg, use_gpu
+
+
+def local_absolute(path: str) -> str:
+    """A local path made absolute (Ray and its workers run elsewhere); URIs (s3://...) as they are."""
+    return path if not path or "://" in path else str(Path(path).expanduser().resolve())
+
+
+def worker_error(err) -> str:
+    """The first worker's own exception message from Ray's wrapper."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        first_line = (str(failure).strip().splitlines() or [""])[0]  # Ray appends pages of advice
+        return f"worker {rank}: {type(failure).__name__}: {first_line}"
+    return str(err)

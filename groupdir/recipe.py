@@ -1,0 +1,323 @@
+"""The training recipe: what every Ray Train worker runs, readable top to bottom.
+
+    setup     data -> groups -> model -> optimizer, and the state of a restarted run
+    train     epochs of the method's loss; after each: validate, choose the routes' calibration on
+              validation, keep the best model, report a checkpoint to Ray (rank 0 logs to MLflow)
+    finish    the method's after-training step (e.g. re-train the classifier), then one test
+              evaluation of the best-on-validation model, reported with the final checkpoint
+
+One process is the same code with world size 1. The method (groupdir/methods/) supplies the heads,
+the loss terms and the after-training step; nothing here branches on the method's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from groupdir import checkpoint
+from groupdir.checkpoint import TrainState
+from groupdir.config import Config
+from groupdir.data import open_data, set_epoch
+from groupdir.distributed import gather_objects, mean_over_workers, sync_buffers, world
+from groupdir.errors import TrainingError
+from groupdir.evaluation import (TEST_ROUTES, Calibration, Outputs, calibrate, group_centroids, label_prior,
+                                 predict, route_metrics, route_values)
+from groupdir.grouping import Grouping, make_grouping
+from groupdir.losses import label_weights
+from groupdir.methods import Method, get_method
+from groupdir.metrics import format_shot_table
+from groupdir.model import DIRNet, forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What the driver hands every worker."""
+    cfg: Config
+    run_id: str            # the MLflow run rank 0 logs to
+    progress: bool = True  # rank 0 prints a line per epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class Supervision:
+    """What the training labels give the losses: their groups, the regression weights (None for
+    none), and the log group prior of the classifier's targets (the balanced losses add it)."""
+    grouping: Grouping
+    weigh: Callable[[np.ndarray], np.ndarray] | None
+    group_log_prior: torch.Tensor
+
+
+@dataclasses.dataclass
+class Worker:
+    """Everything `setup` builds for the loop."""
+    cfg: Config
+    job: Job
+    method: Method
+    rank: int
+    world_size: int
+    nodes: int
+    device: torch.device
+    labels: np.ndarray     # the training labels
+    loaders: dict
+    targets: Supervision
+    net: DIRNet            # the model itself (its weights are what is saved)
+    model: torch.nn.Module  # what trains: net, wrapped in DDP and torch.compile as configured
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    tracker: object | None  # rank 0's groupdir.tracking.Tracker
+
+
+def train_worker(job: Job) -> None:
+    """Ray Train's train_loop_per_worker."""
+    worker = setup(job)
+    if worker.state.stopped:  # the run stopped for good before this restart: say so again
+        report(worker)
+        return
+    with worker.tracker.system_metrics(job.run_id) if worker.tracker else contextlib.nullcontext():
+        try:
+            for epoch in range(worker.state.epoch, job.cfg.epochs):
+                sums, seconds = train_epoch(worker, epoch)
+                end_epoch(worker, epoch, sums, seconds)
+            finish(worker)
+        except TrainingError as err:  # deterministic: every worker sees it at the same step; no retry
+            worker.state.stopped = str(err)
+            report(worker)
+
+
+# ========================================= setup ==========================================
+
+def setup(job: Job) -> Worker:
+    import ray.train
+
+    cfg = job.cfg
+    rank, world_size = world()
+    logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs at INFO on every report
+    # 1x1 conv weight gradients have ambiguous strides on the CPU; DDP's warning about them is noise.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    seed_everything(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    method = get_method(cfg.method)
+
+    labels, loaders = open_data(cfg, rank=rank, world_size=world_size)
+    targets = supervision(cfg, labels)
+    net = DIRNet(cfg.backbone, cfg.num_groups, grouped=method.grouped)
+    init_regressor_bias(net, labels, targets.grouping)
+    net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    saved = ray.train.get_checkpoint()
+    if saved is None:
+        state = TrainState()
+    else:
+        with saved.as_directory() as folder:
+            state = checkpoint.restore(Path(folder), net, optimizer)
+    model = net
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    tracker = None
+    if rank == 0:
+        from groupdir.tracking import Tracker
+
+        tracker = Tracker(cfg.tracking_uri)
+        tracker.log_epochs(job.run_id, state.history)  # epochs checkpointed but not logged before a crash
+    nodes = len(set(gather_objects(ray.get_runtime_context().get_node_id())))
+    if rank == 0 and job.progress and state.epoch == 0:
+        say(f"training on {world_size} worker(s) across {nodes} node(s), {device.type}")
+    return Worker(cfg, job, method, rank, world_size, nodes, device, labels, loaders, targets, net, model,
+                  optimizer, state, tracker)
+
+
+def supervision(cfg: Config, train_labels: np.ndarray) -> Supervision:
+    label_range = (cfg.label_min, cfg.label_max) if cfg.label_min is not None else None
+    grouping = make_grouping(train_labels, cfg.num_groups, cfg.grouping, label_range)
+    weigh = label_weights(train_labels, cfg.reweight, cfg.lds, cfg.lds_kernel, cfg.lds_ks,
+                          cfg.lds_sigma, cfg.label_bin_width)
+    log_prior = torch.as_tensor(np.log(label_prior(train_labels, grouping, cfg)), dtype=torch.float32)
+    return Supervision(grouping, weigh, log_prior)
+
+
+def init_regressor_bias(model: DIRNet, train_labels: np.ndarray, grouping: Grouping) -> None:
+    """Start each regressor at its label prior (the mean training label of its group, the overall
+    mean for vanilla), so short runs spend their steps on features rather than on offsets."""
+    with torch.no_grad():
+        if model.classifier is None:
+            model.experts.bias.fill_(float(np.mean(train_labels)))
+        else:
+            model.experts.bias.copy_(torch.as_tensor(group_centroids(train_labels, grouping)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ========================================= train ==========================================
+
+def train_epoch(worker: Worker, epoch: int) -> tuple[dict[str, float], float]:
+    """One pass over the training split; returns each loss term summed over the steps, and the seconds."""
+    worker.model.train()
+    set_epoch(worker.loaders["train"], epoch)
+    sums: dict[str, float] = {}
+    started = time.perf_counter()
+    for images, batch_labels, _ in worker.loaders["train"]:
+        values = train_step(worker.cfg, worker.method, worker.model, worker.optimizer, images, batch_labels,
+                            worker.targets, worker.device)
+        check_finite(values, epoch, worker.state.step)
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value
+        worker.state.step += 1
+    return sums, time.perf_counter() - started
+
+
+def train_step(cfg: Config, method: Method, model, optimizer, images, labels, targets: Supervision,
+               device) -> dict[str, float]:
+    """One optimizer step of the method's loss; returns each term averaged over the workers."""
+    groups = torch.as_tensor(targets.grouping.assign(labels.numpy()), device=device)
+    weights = torch.as_tensor(targets.weigh(labels.numpy()), device=device) if targets.weigh else None
+    output = forward(model, images, device)
+    terms = method.loss_terms(cfg, output, labels.to(device, torch.float32), groups, weights, targets.group_log_prior)
+    values = mean_over_workers(torch.stack([term.detach() for term in terms.values()])).tolist()
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    optimizer.step()
+    return dict(zip(terms, values))
+
+
+def check_finite(values: dict[str, float], epoch: int, step: int) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise TrainingError(f"loss term '{name}' is {value} at epoch {epoch + 1}, step {step}; "
+                                f"stopping (try a lower lr or a higher temperature)")
+
+
+def end_epoch(worker: Worker, epoch: int, sums: dict[str, float], seconds: float) -> None:
+    """Validate, keep the best model, record the epoch, report the checkpoint, log it."""
+    cfg, state = worker.cfg, worker.state
+    sync_buffers(worker.net)
+    val, calibration = validate(worker, worker.loaders["val"])
+    improved = val[cfg.select_metric] < state.best_value
+    if improved:
+        state.best_value, state.best_epoch = val[cfg.select_metric], epoch + 1
+        keep_best(state, worker.net, val, calibration)
+    batches = len(worker.loaders["train"])
+    state.history.append({"epoch": epoch + 1, "steps": state.step, "train_seconds": seconds,
+                          "images_per_second": batches * cfg.batch_size / seconds,
+                          **{f"train/{k}": v / batches for k, v in sums.items()},
+                          **{f"val/{k}": v for k, v in val.items()}})
+    state.epoch = epoch + 1
+    report(worker)
+    if worker.tracker:
+        worker.tracker.log_epochs(worker.job.run_id, state.history)
+        if worker.job.progress:
+            say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {sums['total'] / batches:.3f}  "
+                f"val MAE {val['mae/all']:.2f}  bMAE {val['bmae/all']:.2f}  group acc {val['group_acc']:.3f}  "
+                f"({calibration.selected_route} route)  {state.history[-1]['images_per_second']:.0f} img/s"
+                f"{'  *best' if improved else ''}")
+
+
+def validate(worker: Worker, loader, retrained: bool = False) -> tuple[dict[str, float], Calibration]:
+    """The validation metrics of the route validation selects (with the calibration it chose), and
+    each test route's select_metric beside them (ROUTE/METRIC). `retrained`: after crt.py."""
+    cfg = worker.cfg
+    outputs = predict(worker.net, loader, worker.device)
+    calibration = calibrate(outputs, worker.targets.grouping, worker.labels, cfg, retrained)
+    results = route_metrics(outputs, worker.targets.grouping, worker.labels, cfg, calibration)
+    val = dict(results[calibration.selected_route])
+    if math.isnan(val[cfg.select_metric]):
+        raise TrainingError(f"validation {cfg.select_metric} is NaN (no validation sample in that "
+                            f"shot); pick another select_metric")
+    for name in TEST_ROUTES if worker.method.grouped else ():
+        val[f"{name}/{cfg.select_metric}"] = results[name][cfg.select_metric]
+    val.update(tau=calibration.tau, soft_tau=calibration.soft_tau, route_temperature=calibration.route_temperature)
+    return val, calibration
+
+
+def keep_best(state: TrainState, net: DIRNet, val: dict, calibration: Calibration) -> None:
+    """The model now in `net` is the one to deliver, with its validation metrics and calibration."""
+    state.best_val, state.best_calibration = val, calibration.to_dict()
+    state.best_model = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+# ========================================= finish =========================================
+
+def finish(worker: Worker) -> None:
+    """The method's after-training step on the best model, then its one test evaluation."""
+    cfg, state = worker.cfg, worker.state
+    worker.net.load_state_dict(state.best_model)
+    plain_train = lambda: open_data(cfg, ["train"], augmented=None, rank=worker.rank,  # noqa: E731
+                                    world_size=worker.world_size)[1]["train"]
+    retraining = worker.method.after_training(worker.net, plain_train, worker.targets.grouping,
+                                              worker.targets.group_log_prior, cfg, worker.device)
+    if retraining is not None:  # the model changed: validation chooses its calibration again
+        keep_best(state, worker.net, *validate(worker, worker.loaders["val"], retrained=True))
+    calibration = Calibration.from_dict(state.best_calibration)
+    outputs = predict(worker.net, worker.loaders["test"], worker.device)
+    results = route_metrics(outputs, worker.targets.grouping, worker.labels, cfg, calibration)
+    # validation: the delivered model's validation metrics (what a sweep ranks it by)
+    results.update(validation=state.best_val, classifier_retraining=retraining or {}, best_epoch=state.best_epoch,
+                   steps=state.step, workers=worker.world_size, nodes=worker.nodes)
+    state.results = results
+    report(worker)
+    if worker.tracker and not worker.tracker.final_logged(worker.job.run_id):
+        log_results(worker, outputs)
+
+
+def log_results(worker: Worker, outputs: Outputs) -> None:
+    """Rank 0: the test metrics, the shot table, and the plots of the selected route."""
+    from groupdir import plots
+
+    cfg, results, grouping = worker.cfg, worker.state.results, worker.targets.grouping
+    selected = results["selected_route"]
+    calibration = Calibration.from_dict(worker.state.best_calibration)
+    value, groups = route_values(outputs, grouping, worker.labels, calibration)[selected]
+    figures = {"per_label_mae": plots.per_label_error(value, outputs.target, worker.labels, cfg.label_bin_width),
+               "predicted_vs_true": plots.predicted_vs_true(value, outputs.target, selected)}
+    if outputs.logits is not None:
+        figures["group_confusion"] = plots.group_confusion(groups, grouping.assign(outputs.target), grouping.num_groups)
+    worker.tracker.log_results(worker.job.run_id, results, cfg.to_dict(), format_shot_table({cfg.method: results}),
+                               figures)
+
+
+# ======================================== reporting =======================================
+
+def report(worker: Worker) -> None:
+    """Every worker calls this at the same points (`ray.train.report` is a barrier); rank 0 attaches
+    the checkpoint folder (groupdir/checkpoint.py)."""
+    import ray.train
+
+    state, cfg = worker.state, worker.cfg
+    # For a sweep's scheduler and searcher: the latest epoch's validation metrics (NaN before the
+    # first, e.g. a run stopped by a NaN loss) and the run's epoch count (its last epoch is not judged).
+    latest = state.history[-1] if state.history else {}
+    metrics = {"epoch": state.epoch, "epochs": cfg.epochs, "step": state.step, f"val/{cfg.select_metric}": math.nan,
+               **{key: value for key, value in latest.items() if key.startswith("val/")}}
+    if worker.rank != 0:
+        ray.train.report(metrics)
+        return
+    with checkpoint.temporary_folder() as folder:
+        best = None if state.stopped else checkpoint.best_model_file(state, cfg, worker.targets.grouping.edges,
+                                                                      worker.labels)
+        checkpoint.write(Path(folder), state, worker.net, worker.optimizer, best)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def say(line: str) -> None:
+    """A progress line from a worker. Ray Train routes print() through logging (and can show it twice);
+    the process's own stdout reaches the driver's terminal once."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+

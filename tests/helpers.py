@@ -1,0 +1,61 @@
+"""What several test modules share: the tiny data set's size and step counts, and failure injection,
+handed to the driver as its worker loop so that it stays out of the product (no config key, no
+check in the training loop)."""
+
+import os
+import sys
+from pathlib import Path
+
+import ray.cloudpickle
+
+from groupdir import recipe
+
+TRAIN_ROWS = 600  # the `tiny_synth` fixture's training split (conftest.py)
+
+
+def steps_per_epoch(batch_size: int, workers: int = 1, train_rows: int = TRAIN_ROWS) -> int:
+    """Optimizer steps in one epoch: each worker gets an equal slice of the rows and drops its last
+    partial batch of batch_size / workers."""
+    return (train_rows // workers) // (batch_size // workers)
+
+
+# Ray ships these hooks to its workers by value: the workers cannot import the tests folder.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class CrashOnce:
+    """The recipe, except that the last worker dies as a crashed process would (no exception, no
+    clean-up) at optimizer step `step`, once per run: the marker file remembers the crash."""
+
+    def __init__(self, step: int, marker: Path):
+        self.step, self.marker = step, Path(marker)
+
+    def __call__(self, job: recipe.Job) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        if context.get_world_rank() == context.get_world_size() - 1 and not self.marker.exists():
+            original, steps = recipe.train_step, [0]
+
+            def crashing_step(*args, **kwargs):
+                if steps[0] == self.step:
+                    self.marker.write_text(f"worker {os.getpid()} killed at step {self.step}\n")
+                    os._exit(1)
+                steps[0] += 1
+                return original(*args, **kwargs)
+
+            recipe.train_step = crashing_step
+        recipe.train_worker(job)
+
+
+class FailWhen:
+    """The recipe, except that it raises at the start when config key `key` has `value` (a sweep
+    trial that fails)."""
+
+    def __init__(self, key: str, value):
+        self.key, self.value = key, value
+
+    def __call__(self, job: recipe.Job) -> None:
+        if getattr(job.cfg, self.key) == self.value:
+            raise RuntimeError(f"injected failure: {self.key}={self.value!r}")
+        recipe.train_worker(job)
