@@ -52,8 +52,9 @@ bench-train: setup
 bench-loss: setup
 	$(VENV)/bin/groupdir bench loss --out bench/loss
 
-# On a CUDA machine, in under 5 minutes: the Triton kernels against the naive reference (float32 and
-# bfloat16, values and gradients) and `bench loss` on the GPU; ResNet-50 at 224 px, bf16,
+# On a CUDA machine, in under 5 minutes: the Triton kernels against the naive reference at each matmul
+# precision (ieee, tf32, bf16; float32 and bfloat16 inputs; values and gradients) and `bench loss` on the
+# GPU (times, peak memory and matmul FLOPs per backend and precision); ResNet-50 at 224 px, bf16,
 # channels_last on one GPU, fed by FFCV vs by a batch already on the GPU. Writes gpu-check/summary.md.
 gpu-check: setup
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"

@@ -43,6 +43,7 @@ class TrainState:
     best_calibration: dict = dataclasses.field(default_factory=dict)  # its routes' calibration
     results: dict | None = None    # the test evaluation, once done
     stopped: str = ""              # why the run stopped for good ("" while it goes on)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds by phase, rank 0's
 
 
 def best_model_file(state: TrainState, cfg, edges, train_labels) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def write(folder: Path, state: TrainState, net=None, optimizer=None, best: dict 
         return
     torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state.epoch,
                 "step": state.step, "history": state.history, "best_value": state.best_value,
-                "best_epoch": state.best_epoch}, folder / STATE)
+                "best_epoch": state.best_epoch, "timings": state.timings}, folder / STATE)
     torch.save(best, folder / CHECKPOINT)
     (folder / HISTORY).write_text(json.dumps(state.history))
     if state.results is not None:
@@ -76,7 +77,8 @@ def restore(folder: Path, net, optimizer) -> TrainState:
     optimizer.load_state_dict(saved["optimizer"])
     return TrainState(epoch=saved["epoch"], step=saved["step"], history=saved["history"],
                       best_value=saved["best_value"], best_epoch=saved["best_epoch"], best_val=best["val"],
-                      best_model=best["model"], best_calibration=best["calibration"])
+                      best_model=best["model"], best_calibration=best["calibration"],
+                      timings=saved.get("timings", {}))
 
 
 def load(path: str | Path) -> dict:

@@ -28,6 +28,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 Dataset = Literal["auto", "synth", "imdb-wiki-dir", "agedb-dir"]
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
 Backend = Literal["auto", "triton", "torch", "naive"]
+Precision = Literal["ieee", "tf32", "bf16"]
 Similarity = Literal["cosine", "euclidean"]
 Route = Literal["predicted", "soft", "adjusted", "adjusted_soft"]
 
@@ -35,6 +36,7 @@ Route = Literal["predicted", "soft", "adjusted", "adjusted_soft"]
 PRESET_CSV = {"synth": "synth_age.csv", "imdb-wiki-dir": "imdb_wiki.csv", "agedb-dir": "agedb.csv"}
 BACKBONES = typing.get_args(Backbone)
 BACKENDS = typing.get_args(Backend)
+PRECISIONS = typing.get_args(Precision)
 SIMILARITIES = typing.get_args(Similarity)
 ROUTES = typing.get_args(Route)  # test-time routes (groupdir.evaluation)
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")  # FFCV's RGBImageField modes (groupdir prepare)
@@ -81,6 +83,8 @@ class Config(BaseModel):
     """Feature similarity of the contrastive loss: cosine (paper) | euclidean (authors' code)."""
     loss_backend: Backend = "auto"
     """Contrastive loss implementation: auto (triton on CUDA, else torch) | triton | torch | naive."""
+    loss_precision: Precision = "ieee"
+    """Triton loss's matmul inputs (float32 accumulation): ieee (float32) | tf32 | bf16. torch and naive ignore it."""
     group_loss: Literal["soft", "ce", "soft_balanced", "ce_balanced"] = "soft"
     """Group classifier loss: soft (paper's soft labels) | ce | soft_balanced | ce_balanced (balanced softmax)."""
     soft_reduction: Literal["mean", "sum"] = "mean"

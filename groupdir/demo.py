@@ -12,6 +12,8 @@ from groupdir.config import load_config
 def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, workers: int | None = None,
              tracking_uri: str = "") -> dict:
     """Returns both runs' test results (`groupdir eval`'s), by method."""
+    import time
+
     import ray
 
     from groupdir.data import synthetic_shards
@@ -22,28 +24,61 @@ def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, worke
 
     demo = load_config("demo")
     epochs, workers = epochs or demo.epochs, workers or demo.workers
+    clock = time.perf_counter()
+    seconds = {}
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        seconds[phase], clock = time.perf_counter() - clock, time.perf_counter()
+
     shards = synthetic_shards(out, train_size)
+    lap("data")
     scale = {"data": str(shards), "epochs": epochs, "workers": workers, "experiment": demo.experiment,
              "tracking_uri": resolve_uri(tracking_uri)}
     ray.init(num_cpus=workers, logging_level="WARNING")  # one local Ray for both runs
+    lap("ray")
+    trained = {}
     try:
         for method, config in (("groupdir", "demo"), ("vanilla", None)):
             print(f"\n== training {method}{f' (--config {config})' if config else ''}: {epochs} epochs on "
                   f"{workers} Ray workers ==", flush=True)
             cfg = load_config(config, {**scale, "method": method})
-            train(cfg, out / method, force=True)  # the demo's own run folders are scratch
+            trained[method] = train(cfg, out / method, force=True)  # the demo's own run folders are scratch
+            lap(method)
     finally:
         ray.shutdown()
     print("\n== groupdir eval: both checkpoints on the test split ==", flush=True)
     runs = {method: evaluate_checkpoint(out / method / "checkpoint.pt", str(shards), "test")
             for method in ("groupdir", "vanilla")}
+    lap("eval")
     print(f"Test split, balanced over ages; shots by training count (many > {cfg.many_shot}, few < {cfg.few_shot}):")
     print(format_shot_table(runs))
     print("\n" + closing_sentence(runs))
     print(f"\nCompare the two runs (experiment '{demo.experiment}') in the MLflow UI:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000\n"
           f"  then open http://127.0.0.1:5000")
+    print("\n" + phase_table(seconds, {method: results["timings"] for method, results in trained.items()}))
     return runs
+
+
+def phase_table(seconds: dict[str, float], timings: dict[str, dict[str, float]]) -> str:
+    """Where the demo's time went: its own steps, and inside each training run rank 0's phases (the
+    rest of a run's wall time is Ray Train starting and stopping its workers, and MLflow's final logging)."""
+    from groupdir.tables import markdown_table
+
+    methods = list(timings)
+    phases = list(dict.fromkeys(phase for run in timings.values() for phase in run))
+    rows = [["synthetic data and FFCV shards", f"{seconds['data']:.0f}", ""],
+            ["Ray start-up", f"{seconds['ray']:.0f}", ""]]
+    for method in methods:
+        inside = sum(timings[method].values())
+        rows.append([f"train {method}", f"{seconds[method]:.0f}", ""])
+        rows += [[f"  {phase.replace('_', ' ')}", "", f"{timings[method].get(phase, 0.0):.0f}"] for phase in phases]
+        rows.append(["  Ray Train workers start / stop, final logging", "", f"{seconds[method] - inside:.0f}"])
+    rows.append(["groupdir eval of both checkpoints", f"{seconds['eval']:.0f}", ""])
+    rows.append(["total", f"{sum(seconds.values()):.0f}", ""])
+    return "\n".join(["Where the time went (seconds):", "",
+                      *markdown_table(["phase", "demo step", "inside the run"], rows, text_columns=1)])
 
 
 def closing_sentence(runs: dict) -> str:

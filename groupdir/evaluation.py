@@ -287,6 +287,6 @@ def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, saved = load_model(path, target_device)
     cfg = build({**saved["config"], "data": str(data), **({"batch_size": batch_size} if batch_size else {})})
-    outputs = predict(model, open_data(cfg, [split], augmented=None)[1][split], target_device)
+    outputs = predict(model, open_data(cfg, [split], augmented=None, device=target_device)[1][split], target_device)
     return route_metrics(outputs, Grouping(tuple(saved["group_edges"])), saved["train_labels"].numpy(), cfg,
                          Calibration.from_dict(saved["calibration"]))

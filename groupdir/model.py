@@ -15,7 +15,6 @@ import torch.nn as nn
 import torchvision
 
 from groupdir.config import BACKBONES
-from groupdir.data.loaders import normalize
 
 
 @dataclass
@@ -48,9 +47,9 @@ class DIRNet(nn.Module):
 
 
 def forward(model: nn.Module, images: torch.Tensor, device: torch.device) -> Output:
-    """A uint8 batch through the model: moved to the device and normalised there; channels_last and
+    """A loader's batch (normalised float images) through the model on `device`; channels_last and
     bf16 autocast on CUDA (the heads stay in float32)."""
-    images = normalize(images.to(device, non_blocking=True))
+    images = images.to(device, non_blocking=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

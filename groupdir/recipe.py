@@ -29,7 +29,7 @@ import torch
 from groupdir import checkpoint
 from groupdir.checkpoint import TrainState
 from groupdir.config import Config
-from groupdir.data import open_data, set_epoch
+from groupdir.data import open_data
 from groupdir.distributed import gather_objects, mean_over_workers, sync_buffers, world
 from groupdir.errors import TrainingError
 from groupdir.evaluation import (TEST_ROUTES, Calibration, Outputs, calibrate, group_centroids, label_prior,
@@ -80,7 +80,9 @@ class Worker:
 
 def train_worker(job: Job) -> None:
     """Ray Train's train_loop_per_worker."""
+    started = time.perf_counter()
     worker = setup(job)
+    add_time(worker.state, "setup", time.perf_counter() - started)
     if worker.state.stopped:  # the run stopped for good before this restart: say so again
         report(worker)
         return
@@ -110,7 +112,7 @@ def setup(job: Job) -> Worker:
     device = ray.train.torch.get_device()
     method = get_method(cfg.method)
 
-    labels, loaders = open_data(cfg, rank=rank, world_size=world_size)
+    labels, loaders = open_data(cfg, rank=rank, world_size=world_size, device=device)
     targets = supervision(cfg, labels)
     net = DIRNet(cfg.backbone, cfg.num_groups, grouped=method.grouped)
     init_regressor_bias(net, labels, targets.grouping)
@@ -170,17 +172,23 @@ def seed_everything(seed: int) -> None:
 def train_epoch(worker: Worker, epoch: int) -> tuple[dict[str, float], float]:
     """One pass over the training split; returns each loss term summed over the steps, and the seconds."""
     worker.model.train()
-    set_epoch(worker.loaders["train"], epoch)
+    worker.loaders["train"].set_epoch(epoch)
     sums: dict[str, float] = {}
-    started = time.perf_counter()
+    started = fetched = time.perf_counter()
+    waited = 0.0  # for the phase times: how long the step waited for its batch
     for images, batch_labels, _ in worker.loaders["train"]:
+        waited += time.perf_counter() - fetched
         values = train_step(worker.cfg, worker.method, worker.model, worker.optimizer, images, batch_labels,
                             worker.targets, worker.device)
         check_finite(values, epoch, worker.state.step)
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value
         worker.state.step += 1
-    return sums, time.perf_counter() - started
+        fetched = time.perf_counter()
+    seconds = time.perf_counter() - started
+    add_time(worker.state, "loader_wait", waited)
+    add_time(worker.state, "train_steps", seconds - waited)
+    return sums, seconds
 
 
 def train_step(cfg: Config, method: Method, model, optimizer, images, labels, targets: Supervision,
@@ -208,7 +216,8 @@ def end_epoch(worker: Worker, epoch: int, sums: dict[str, float], seconds: float
     """Validate, keep the best model, record the epoch, report the checkpoint, log it."""
     cfg, state = worker.cfg, worker.state
     sync_buffers(worker.net)
-    val, calibration = validate(worker, worker.loaders["val"])
+    with timed(state, "validation"):
+        val, calibration = validate(worker, worker.loaders["val"])
     improved = val[cfg.select_metric] < state.best_value
     if improved:
         state.best_value, state.best_epoch = val[cfg.select_metric], epoch + 1
@@ -219,9 +228,11 @@ def end_epoch(worker: Worker, epoch: int, sums: dict[str, float], seconds: float
                           **{f"train/{k}": v / batches for k, v in sums.items()},
                           **{f"val/{k}": v for k, v in val.items()}})
     state.epoch = epoch + 1
-    report(worker)
+    with timed(state, "checkpoint"):
+        report(worker)
     if worker.tracker:
-        worker.tracker.log_epochs(worker.job.run_id, state.history)
+        with timed(state, "mlflow"):
+            worker.tracker.log_epochs(worker.job.run_id, state.history)
         if worker.job.progress:
             say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {sums['total'] / batches:.3f}  "
                 f"val MAE {val['mae/all']:.2f}  bMAE {val['bmae/all']:.2f}  group acc {val['group_acc']:.3f}  "
@@ -259,17 +270,19 @@ def finish(worker: Worker) -> None:
     cfg, state = worker.cfg, worker.state
     worker.net.load_state_dict(state.best_model)
     plain_train = lambda: open_data(cfg, ["train"], augmented=None, rank=worker.rank,  # noqa: E731
-                                    world_size=worker.world_size)[1]["train"]
-    retraining = worker.method.after_training(worker.net, plain_train, worker.targets.grouping,
-                                              worker.targets.group_log_prior, cfg, worker.device)
-    if retraining is not None:  # the model changed: validation chooses its calibration again
-        keep_best(state, worker.net, *validate(worker, worker.loaders["val"], retrained=True))
+                                    world_size=worker.world_size, device=worker.device)[1]["train"]
+    with timed(state, "after_training"):
+        retraining = worker.method.after_training(worker.net, plain_train, worker.targets.grouping,
+                                                  worker.targets.group_log_prior, cfg, worker.device)
+        if retraining is not None:  # the model changed: validation chooses its calibration again
+            keep_best(state, worker.net, *validate(worker, worker.loaders["val"], retrained=True))
     calibration = Calibration.from_dict(state.best_calibration)
-    outputs = predict(worker.net, worker.loaders["test"], worker.device)
-    results = route_metrics(outputs, worker.targets.grouping, worker.labels, cfg, calibration)
+    with timed(state, "test"):
+        outputs = predict(worker.net, worker.loaders["test"], worker.device)
+        results = route_metrics(outputs, worker.targets.grouping, worker.labels, cfg, calibration)
     # validation: the delivered model's validation metrics (what a sweep ranks it by)
     results.update(validation=state.best_val, classifier_retraining=retraining or {}, best_epoch=state.best_epoch,
-                   steps=state.step, workers=worker.world_size, nodes=worker.nodes)
+                   steps=state.step, workers=worker.world_size, nodes=worker.nodes, timings=state.timings)
     state.results = results
     report(worker)
     if worker.tracker and not worker.tracker.final_logged(worker.job.run_id):
@@ -313,6 +326,20 @@ def report(worker: Worker) -> None:
                                                                       worker.labels)
         checkpoint.write(Path(folder), state, worker.net, worker.optimizer, best)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def add_time(state: TrainState, phase: str, seconds: float) -> None:
+    """Seconds spent in a phase, summed over the run (the demo prints them)."""
+    state.timings[phase] = state.timings.get(phase, 0.0) + seconds
+
+
+@contextlib.contextmanager
+def timed(state: TrainState, phase: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        add_time(state, phase, time.perf_counter() - started)
 
 
 def say(line: str) -> None:

@@ -161,7 +161,8 @@ class Tracker:
 
     def log_results(self, run_id: str, results: dict, cfg_dict: dict, shot_table: str, figures: dict) -> None:
         """test/KEY: the route validation selected (the headline); test/ROUTE/KEY: every route;
-        best_val/KEY: the delivered model's validation metrics (after classifier re-training)."""
+        best_val/KEY: the delivered model's validation metrics (after classifier re-training);
+        seconds/PHASE: where rank 0's time went."""
         from groupdir.evaluation import REFERENCE_ROUTES, TEST_ROUTES
 
         routes = {route: results[route] for route in TEST_ROUTES + REFERENCE_ROUTES if route in results}
@@ -170,7 +171,8 @@ class Tracker:
             **{f"test/{route}/{key}": value for route, metrics in routes.items() for key, value in metrics.items()},
             **{f"calibration/{key}": value for key, value in results["calibration"].items() if key != "shift"},
             **{f"best_val/{key}": value for key, value in results["validation"].items()},
-            **results["classifier_retraining"]})
+            **results["classifier_retraining"],
+            **{f"seconds/{phase}": seconds for phase, seconds in results.get("timings", {}).items()}})
         self.client.set_tag(run_id, "selected_route", results["selected_route"])
         self.log_text(run_id, "# Test shot table\n\n```\n" + shot_table + "\n```\n", "test_shot_table.md")
         self.log_text(run_id, yaml.safe_dump(cfg_dict, sort_keys=False), "config.yaml")

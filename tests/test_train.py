@@ -73,6 +73,12 @@ def test_tiny_run_learns(tiny_synth, tmp_path, tracking, method, compiled, epoch
     assert saved["selected_route"] in (("predicted", "soft", "adjusted", "adjusted_soft") if method == "groupdir"
                                        else ("predicted",))
     assert results["best_epoch"] == int(np.argmin([h["val/bmae/all"] for h in history])) + 1
+    # Where rank 0's time went, in results.json and in MLflow (the demo prints it).
+    phases = {"setup", "loader_wait", "train_steps", "validation", "checkpoint", "mlflow", "after_training", "test"}
+    assert set(saved["timings"]) == phases and all(seconds >= 0 for seconds in saved["timings"].values())
+    assert saved["timings"]["train_steps"] > 0
+    _, run = run_of(tracking, tmp_path)
+    assert run.data.metrics["seconds/train_steps"] == pytest.approx(saved["timings"]["train_steps"])
     if method == "groupdir":
         assert saved["oracle"]["group_acc"] == 1.0 and saved["calibration"]["shift"]
         for route in ("predicted", "soft", "adjusted", "adjusted_soft"):

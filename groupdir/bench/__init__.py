@@ -2,7 +2,7 @@
 
 - `bench method` (groupdir/bench/method.py): Group-DIR against the field's baselines on the
   synthetic benchmark, paired seeds, with a verdict per claim.
-- `bench loader`: FFCV against a torchvision/PIL DataLoader over the same faces.
+- `bench loader`: FFCV against a torchvision/PIL DataLoader over the same faces, equal work.
 - `bench train`: training images per second per Ray worker, end to end, for 1, 2, ... workers.
 - `bench ceiling`: one device, the training step fed by the FFCV loader against the same step on a
   batch already on the device (what the data path costs).
@@ -31,15 +31,19 @@ LOADER_ENCODINGS = (("jpg", 500), ("jpg", 256), ("raw", 256))  # FFCV write mode
 
 def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int = 2, batch_size: int = 128,
                  epochs: int = 2) -> str:
-    """FFCV vs torchvision/PIL over the same faces: same workers, decode, crop, flip and output size.
+    """FFCV vs torchvision/PIL over the same faces, doing the same work: each delivers augmented
+    (pad-and-crop, flip), normalised float batches on the training device (here the CPU).
 
     Both read the training split of one synthetic set of 250-500 px JPEGs: torchvision from the
-    JPEG files (PIL decode -> Resize -> RandomCrop with padding -> flip), FFCV from shards
-    (decode -> resize -> RandomTranslate -> flip) in three encodings: the same images as JPEG at full
-    size, JPEG capped at 256 px, and raw pixels capped at 256 px; a last column profiles the raw
-    shards without pad-and-crop and flip. One untimed pass warms the page cache and FFCV's JIT; then
-    `epochs` timed passes each, side by side.
+    JPEG files (PIL decode -> Resize -> RandomCrop with padding -> flip in `workers` processes, then
+    normalised on the device), FFCV from shards (decode -> resize in `workers` threads, then the
+    batched augmentation and normalisation on the device) in three encodings: the same images as
+    JPEG at full size, JPEG capped at 256 px, and raw pixels capped at 256 px; a last column shows
+    the raw shards without the augmentation (what it costs). One untimed pass warms the page cache
+    and FFCV's JIT; then `epochs` timed passes each, side by side.
     """
+    import torch
+
     from groupdir.data import synthetic_shards
     from groupdir.data.dir_format import read_dir_table
     from groupdir.data.ffcv_loader import ShardLoader
@@ -52,6 +56,7 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
                                                    workers=workers)
               for mode, resolution in LOADER_ENCODINGS}
     table = read_dir_table(out / "data", check_images=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def rate(loader) -> float:
         for _ in loader:  # warm-up
@@ -60,25 +65,32 @@ def bench_loader(out: Path, images: int = 2000, sizes=(112, 224), workers: int =
         for _ in range(epochs):
             for batch, _, _ in loader:
                 count += len(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return count / (time.perf_counter() - started)
 
     header = ["output size", "torchvision/PIL", *(f"FFCV {mode} {resolution} px" for mode, resolution in LOADER_ENCODINGS),
-              "FFCV raw 256 px, decode + resize only"]
-    lines = [f"Loader throughput in images/s (ratio to torchvision), training split of {table.size('train')} "
-             f"synthetic faces of 250-500 px, {workers} worker processes each, batch {batch_size}, "
-             f"{epochs} timed passes after one warm-up", "", *markdown_table(header, [], text_columns=0)]
+              "FFCV raw 256 px, no augmentation"]
+    lines = [f"Loader throughput in images/s (ratio to torchvision): augmented, normalised float batches on "
+             f"the {device.type.upper()}, training split of {table.size('train')} synthetic faces of 250-500 px, "
+             f"{workers} worker processes / FFCV threads each, batch {batch_size}, {epochs} timed passes after "
+             f"one warm-up", "", *markdown_table(header, [], text_columns=0)]
     for size in sizes:
         baseline = rate(make_loader(table.paths["train"], table.labels["train"], size, batch_size, train=True,
-                                    workers=workers))
+                                    workers=workers, device=device))
         cells = []
         for key in LOADER_ENCODINGS:
-            ffcv = rate(ShardLoader(shards[key], "train", size, batch_size, train=True, workers=workers))
+            ffcv = rate(ShardLoader(shards[key], "train", size, batch_size, train=True, workers=workers, device=device))
             cells.append(f"{ffcv:.0f} ({ffcv / baseline:.2f}x)")
-        # The profile: the eval pipeline is the train pipeline without pad-and-crop and flip.
-        bare = rate(ShardLoader(shards["raw", 256], "train", size, batch_size, train=False, workers=workers))
+        bare = rate(ShardLoader(shards["raw", 256], "train", size, batch_size, train=False, workers=workers,
+                                device=device))
         cells.append(f"{bare:.0f} ({bare / baseline:.2f}x)")
         lines.append(markdown_row([size, f"{baseline:.0f}", *cells]))
         print(lines[-1], flush=True)
+    disk = {"JPEG files": sum(path.stat().st_size for path in table.paths["train"]),
+            **{f"FFCV {mode} {resolution} px": sum(f.stat().st_size for f in shards[mode, resolution].glob("train*.beton"))
+               for mode, resolution in LOADER_ENCODINGS}}
+    lines += ["", "Training split on disk: " + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in disk.items())]
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "loader.md", text)
     print(text)
@@ -137,7 +149,7 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
     cfg = load_config(overrides={"data": str(shards), "backbone": backbone, "image_size": image_size,
                                  "batch_size": batch_size, "loader_workers": loader_workers})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    labels, loaders = open_data(cfg, ["train"])
+    labels, loaders = open_data(cfg, ["train"], device=device)
     targets = supervision(cfg, labels)
     net = DIRNet(backbone, cfg.num_groups)
     init_regressor_bias(net, labels, targets.grouping)
@@ -185,20 +197,29 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
 def bench_loss(out: Path, batch_sizes=(128, 256, 512, 1024, 4096, 8192), dims=(128, 2048), repeats: int = 3,
                naive_max: int = 512, num_groups: int = 20) -> str:
     """Forward + backward of the contrastive loss per backend (naive B x B x B, torch O(B^2), and the
-    Triton kernel on CUDA) and of the bare similarity matmul (the floor), side by side: median
-    milliseconds of `repeats` timed runs after one warm-up, and peak memory on CUDA."""
+    Triton kernel on CUDA at each matmul precision) and of the bare similarity matmul (the floor), side
+    by side: median milliseconds of `repeats` timed runs after one warm-up, and peak memory on CUDA;
+    beside them the matmul GFLOP of each path, forward + backward (groupdir/kernels/flops.py), on any
+    device. On CUDA the kernels' correctness table at each precision comes first."""
     import torch
 
+    from groupdir.config import PRECISIONS
+    from groupdir.kernels.flops import matmul_flops
     from groupdir.losses import group_contrastive_loss
 
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    backends = ["naive", "torch"] + (["triton"] if cuda else [])
+    timed = [("naive", "naive", "ieee"), ("torch", "torch", "ieee")]  # (column, backend, precision)
+    if cuda:  # the Triton kernels run on CUDA only
+        timed += [("triton" if precision == "ieee" else f"triton {precision}", "triton", precision)
+                  for precision in PRECISIONS]
+    counted = ["floor", "torch", "triton", "triton, old backward"]  # GFLOP columns
+    correctness = ""
     if cuda:
         from groupdir.kernels.check import check_table, kernel_cases
 
-        correctness = check_table(kernel_cases("cuda"))
+        correctness = check_table({precision: kernel_cases("cuda", precision) for precision in PRECISIONS}) + "\n"
         print(correctness, flush=True)
 
     def floor(z, groups):
@@ -223,9 +244,11 @@ def bench_loss(out: Path, batch_sizes=(128, 256, 512, 1024, 4096, 8192), dims=(1
 
     lines = [f"Contrastive loss, forward + backward, {num_groups} groups, cosine, float32, on "
              f"{torch.cuda.get_device_name() if cuda else 'the CPU'}: median ms of {repeats} runs"
-             + (" (peak MiB)" if cuda else "") + "; naive only up to B = " + str(naive_max), "",
-             *markdown_table(["D", "B", "matmul floor", *backends, "torch speed-up over naive",
-                              *(["triton / floor"] if cuda else [])], [], text_columns=0)]
+             + (" (peak MiB)" if cuda else "") + "; naive only up to B = " + str(naive_max)
+             + "; matmul GFLOP forward + backward", "",
+             *markdown_table(["D", "B", "matmul floor", *(column for column, _, _ in timed), "torch speed-up over naive",
+                              *(["triton / floor"] if cuda else []), *(f"GFLOP {path}" for path in counted)],
+                             [], text_columns=0)]
     for dim in dims:
         for batch in batch_sizes:
             generator = torch.Generator().manual_seed(batch)
@@ -234,19 +257,22 @@ def bench_loss(out: Path, batch_sizes=(128, 256, 512, 1024, 4096, 8192), dims=(1
             cells, timing = [], {}
             floor_ms, floor_peak = measure(floor, z, groups)
             cells.append(f"{floor_ms:.1f}" + (f" ({floor_peak:.0f})" if cuda else ""))
-            for backend in backends:
+            for column, backend, precision in timed:
                 if backend == "naive" and batch > naive_max:
                     cells.append("-")
                     continue
-                ms, peak = measure(lambda z, g, b=backend: group_contrastive_loss(z, g, backend=b), z, groups)
-                timing[backend] = ms
+                ms, peak = measure(lambda z, g, b=backend, p=precision: group_contrastive_loss(
+                    z, g, backend=b, precision=p, num_groups=num_groups), z, groups)
+                timing[column] = ms
                 cells.append(f"{ms:.1f}" + (f" ({peak:.0f})" if cuda else ""))
             cells.append(f"{timing['naive'] / timing['torch']:.0f}x" if "naive" in timing else "-")
             if cuda:
                 cells.append(f"{timing['triton'] / floor_ms:.2f}")
+            flops = matmul_flops(batch, dim, num_groups)
+            cells += [f"{flops[path][0] / 1e9:.3g} + {flops[path][1] / 1e9:.3g}" for path in counted]
             lines.append(markdown_row([dim, batch, *cells]))
             print(lines[-1], flush=True)
-    text = ((correctness + "\n") if cuda else "") + "\n".join(lines) + "\n"
+    text = correctness + "\n".join(lines) + "\n"
     write_text_atomic(out / "loss.md", text)
     print(text)
     return text

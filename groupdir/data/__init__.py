@@ -16,24 +16,25 @@ __all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDa
 
 
 def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "train", rank: int = 0,
-              world_size: int = 1) -> tuple[np.ndarray, dict]:
+              world_size: int = 1, device="cpu") -> tuple[np.ndarray, dict]:
     """(training labels, {split: loader}) for `cfg.data`: FFCV shards (a folder with meta.json, the
     default path) or a DIR data root read with torch's DataLoader (for small experiments). The
-    `augmented` split gets the training transforms and a shuffled order. Each of `world_size` ranks
-    gets its slice and its share of the global `cfg.batch_size`."""
+    `augmented` split gets the training augmentation and a shuffled order. Each of `world_size` ranks
+    gets its slice and its share of the global `cfg.batch_size`. Every loader yields (normalised
+    float images on `device`, float64 labels, row numbers) and has `set_epoch(epoch)`."""
     batch_size = cfg.batch_size // world_size
     if is_shards_dir(cfg.data):
         from groupdir.data.ffcv_loader import ShardLoader
 
         loaders = {split: ShardLoader(cfg.data, split, cfg.image_size, batch_size, train=split == augmented,
                                       seed=cfg.seed, workers=max(1, cfg.loader_workers), rank=rank,
-                                      world_size=world_size, crop=cfg.crop)
+                                      world_size=world_size, crop=cfg.crop, device=device)
                    for split in splits}
         return shard_labels(cfg.data, "train"), loaders
     table = read_dir_table(cfg.data, cfg.dataset, cfg.csv)
     loaders = {split: make_loader(table.paths[split], table.labels[split], cfg.image_size, batch_size,
                                   train=split == augmented, workers=cfg.loader_workers, seed=cfg.seed,
-                                  crop=cfg.crop, rank=rank, world_size=world_size)
+                                  crop=cfg.crop, rank=rank, world_size=world_size, device=device)
                for split in splits}
     return table.labels["train"], loaders
 
@@ -43,14 +44,6 @@ def train_labels(cfg) -> np.ndarray:
     if is_shards_dir(cfg.data):
         return shard_labels(cfg.data, "train")
     return read_dir_table(cfg.data, cfg.dataset, cfg.csv, check_images=False).labels["train"]
-
-
-def set_epoch(loader, epoch: int) -> None:
-    """Make the next pass over `loader` draw epoch `epoch`'s order (a resumed run replays it)."""
-    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.epoch = epoch
 
 
 def synthetic_shards(out: Path, train_size: int = 4000, spec=None, encoding=None, name: str = "shards",

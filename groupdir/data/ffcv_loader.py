@@ -1,9 +1,10 @@
 """Streaming FFCV shards into a training loop, one rank or many.
 
-Pipelines use FFCV's own operations (torchvision transforms inside an FFCV pipeline break numba):
-train = decode + resize to S x S -> pad-and-crop (RandomTranslate, padding S/14) -> horizontal flip
-(crop="pad"), or decode with a random resized crop -> horizontal flip (crop="random_resized");
-eval  = decode + resize to S x S. Images come out uint8 (B, 3, S, S); `normalize` runs on the device.
+FFCV's threads only decode and resize (to S x S: faces are square crops). The training augmentation
+(pad-and-crop or random resized crop, flip) and the normalisation run on the whole batch on the
+training device (groupdir/data/augment.py), a few batched tensor ops, where FFCV's own per-image
+RandomTranslate and flip halved the loader's throughput on a 2-core CPU. Batches come out as float (B, 3, S, S)
+on that device, as the DataLoader path's do.
 
 One shard per split: FFCV's own `distributed=True` gives each rank its slice (the process group must
 exist first). K shards (K a multiple of the world size): each epoch the shards are dealt to the ranks
@@ -17,22 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+
+from groupdir.data.augment import augment, epoch_generator, normalize
 from groupdir.data.shards import check_shards_fit, read_meta
 
 
 class ShardLoader:
-    """Yields (images uint8, labels float64, row numbers) batches; `epoch` picks the order.
-    The images of a batch are valid until the next batch is drawn."""
+    """Yields (images float on `device`, labels float64, row numbers) batches; `set_epoch` picks the
+    order and, for training, the augmentation."""
 
     def __init__(self, shards_dir: str | Path, split: str, image_size: int, batch_size: int, train: bool,
-                 seed: int = 0, workers: int = 2, rank: int = 0, world_size: int = 1, crop: str = "pad"):
+                 seed: int = 0, workers: int = 2, rank: int = 0, world_size: int = 1, crop: str = "pad",
+                 device: torch.device | str = "cpu"):
         shards = read_meta(shards_dir)["shards"][split]
         self.files = [Path(shards_dir) / shard["file"] for shard in shards]
         rows = [shard["rows"] for shard in shards]
         check_shards_fit({"shards": {split: shards}}, world_size, batch_size * world_size)
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.seed, self.workers, self.rank, self.world_size = seed, workers, rank, world_size
-        self.crop = crop
+        self.crop, self.device = crop, torch.device(device)
         self.epoch = 0
         self._loaders: dict[Path, object] = {}
         # Equal batch counts on every rank: each shard contributes as many batches as the smallest can.
@@ -51,8 +56,13 @@ class ShardLoader:
             return len(self.files) // self.world_size * self.batches_per_file
         return sum(len(self._loader(f)) for f in self.my_files(self.epoch))
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass draws epoch `epoch`'s order and augmentation (a restored run replays it)."""
+        self.epoch = epoch
+
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
+        draws = epoch_generator(self.seed, self.rank, epoch) if self.train else None
         for file in self.my_files(epoch):
             loader = self._loader(file)
             loader.next_epoch = epoch  # FFCV draws its RANDOM order from (seed, epoch): restorable
@@ -62,7 +72,9 @@ class ShardLoader:
                     if len(self.files) > 1 and self.train and count == self.batches_per_file:
                         break
                     # FFCV reuses its output buffers for later batches: labels and rows are kept by
-                    # callers (evaluation collects them), so they are copied; images live one step.
+                    # callers (evaluation collects them), so they are copied; the images are new tensors.
+                    images = images.to(self.device, non_blocking=True)
+                    images = augment(images, self.crop, draws) if self.train else normalize(images)
                     yield images, labels.clone(), rows.clone()
             finally:
                 iterator.close()  # an abandoned FFCV iterator keeps its threads and buffers alive
@@ -73,19 +85,13 @@ class ShardLoader:
         return self._loaders[file]
 
     def _build(self, file: Path):
-        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, FloatDecoder, IntDecoder,
-                                          RandomResizedCropRGBImageDecoder)
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, FloatDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
         size = (self.image_size, self.image_size)
-        if self.train and self.crop == "random_resized":
-            image = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
-        else:
-            image = [CenterCropRGBImageDecoder(size, ratio=1.0)]  # faces are square crops: a plain resize
-            if self.train:
-                image += [RandomTranslate(padding=max(1, round(self.image_size / 14))), RandomHorizontalFlip()]
-        image += [ToTensor(), ToTorchImage()]
+        # ratio=1 on square faces: a plain resize
+        image = [CenterCropRGBImageDecoder(size, ratio=1.0), ToTensor(), ToTorchImage()]
         single = len(self.files) == 1
         return Loader(str(file), batch_size=self.batch_size, num_workers=self.workers,
                       order=OrderOption.RANDOM if self.train else OrderOption.SEQUENTIAL, seed=self.seed,

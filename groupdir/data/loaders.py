@@ -2,8 +2,10 @@
 
 Train: Resize(S, S) -> RandomCrop(S, padding=S/14, i.e. 16 at 224) -> HorizontalFlip (crop="pad"),
 or RandomResizedCrop(S) -> HorizontalFlip (crop="random_resized").
-Eval:  Resize(S, S). Images come out as uint8 (C, H, W); `normalize` maps a batch to the
-field's Normalize(mean 0.5, std 0.5) on whatever device the batch is on.
+Eval:  Resize(S, S). The workers' uint8 batches are moved to the training device and normalised
+there (Normalize(mean 0.5, std 0.5)), so both loaders deliver the same thing: float (B, 3, S, S)
+on the device. This path keeps torchvision's own per-image transforms, the reference the FFCV
+path's batched augmentation (groupdir/data/augment.py) is tested against.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from groupdir.data.augment import normalize, padding_for
+
 
 class DIRImageDataset(Dataset):
     def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, train: bool, crop: str = "pad"):
@@ -26,7 +30,7 @@ class DIRImageDataset(Dataset):
         if not train:
             self.augment = None
         elif crop == "pad":
-            self.augment = v2.Compose([v2.RandomCrop(image_size, padding=max(1, round(image_size / 14))),
+            self.augment = v2.Compose([v2.RandomCrop(image_size, padding=padding_for(image_size)),
                                        v2.RandomHorizontalFlip()])
         else:
             self.augment = v2.Compose([v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip()])
@@ -46,18 +50,32 @@ class DIRImageDataset(Dataset):
         return pixels, self.labels[index], index
 
 
+class DeviceBatches:
+    """A DataLoader's uint8 batches, normalised on `device`; `set_epoch` draws that epoch's order."""
+
+    def __init__(self, loader: DataLoader, device: torch.device | str = "cpu"):
+        self.loader, self.device = loader, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for images, labels, rows in self.loader:
+            yield normalize(images.to(self.device, non_blocking=True)), labels, rows
+
+
 def make_loader(paths, labels, image_size: int, batch_size: int, train: bool, workers: int = 0,
-                seed: int = 0, crop: str = "pad", rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Each rank reads its slice; the order is drawn from (seed, epoch): call `set_epoch` (the sampler's)
-    before each pass, so a resumed run replays the same order. Eval slices are padded with repeated
-    rows to equal length (the third item of a batch, the row index, lets evaluation drop them)."""
+                seed: int = 0, crop: str = "pad", rank: int = 0, world_size: int = 1,
+                device: torch.device | str = "cpu") -> DeviceBatches:
+    """Each rank reads its slice; the order is drawn from (seed, epoch): call `set_epoch` before each
+    pass, so a resumed run replays the same order. Eval slices are padded with repeated rows to
+    equal length (the third item of a batch, the row index, lets evaluation drop them)."""
     dataset = DIRImageDataset(paths, labels, image_size, train, crop)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      drop_last=train and len(dataset) // world_size > batch_size,
-                      num_workers=workers, persistent_workers=workers > 0)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [-1, 1], the field's Normalize(0.5, 0.5)."""
-    return images.float().div_(127.5).sub_(1.0)
+    return DeviceBatches(DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                    drop_last=train and len(dataset) // world_size > batch_size,
+                                    num_workers=workers, persistent_workers=workers > 0,
+                                    pin_memory=torch.device(device).type == "cuda"), device)

@@ -19,14 +19,27 @@ import os
 import torch
 import torch.nn.functional as F
 
-from groupdir.config import BACKENDS, SIMILARITIES
+from groupdir.config import BACKENDS, PRECISIONS, SIMILARITIES
 
 
 def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float = 2.5,
-                           similarity: str = "cosine", backend: str = "auto") -> torch.Tensor:
-    """Scalar mean over the B(B-1) ordered pairs of Eq. 2; z (B, D) is L2-normalised here."""
+                           similarity: str = "cosine", backend: str = "auto", precision: str = "ieee",
+                           num_groups: int | None = None) -> torch.Tensor:
+    """Scalar mean over the B(B-1) ordered pairs of Eq. 2; z (B, D) is L2-normalised here.
+
+    For the Triton backend only (torch and naive ignore both):
+    - `precision`: how the kernels feed their feature matmuls, accumulating in float32: ieee
+      (float32), tf32, or bf16 (inputs rounded to bfloat16). The torch backend's matmuls follow
+      torch's own setting (torch.backends.cuda.matmul.allow_tf32), so that `auto` runs anywhere
+      with whatever the config says.
+    - `num_groups`: the groups span at most num_groups consecutive indices, as 0..num_groups-1 do
+      (checked). It sizes the kernels' per-group tables; without it they are sized from the data, a
+      shape that torch.compile cannot know: a graph break at the loss unless fullgraph=True.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}: use one of {', '.join(SIMILARITIES)}")
     if z.dim() != 2 or groups.shape != (z.shape[0],):
@@ -45,10 +58,11 @@ def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: f
         if not z.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before the "
                              "import, to interpret the kernels on the CPU)")
-        from groupdir.kernels.contrastive import TritonGroupContrast
+        from groupdir.kernels.contrastive import group_contrast
 
-        return TritonGroupContrast.apply(F.normalize(z, dim=1), groups - groups.min(), temperature,
-                                         similarity == "euclidean")
+        loss, _, _ = group_contrast(F.normalize(z, dim=1), groups - groups.min(), num_groups, temperature,
+                                    similarity == "euclidean", precision)
+        return loss
     logits = pairwise_similarity(z, similarity) / temperature
     groups = groups.long()
     distance = (groups[:, None] - groups[None, :]).abs()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import convolve1d, gaussian_filter1d
-from scipy.signal.windows import triang
 
 from groupdir.labels import label_bins
 
@@ -32,6 +30,10 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1",
 
 def lds_kernel(kind: str, size: int, sigma: float) -> np.ndarray:
     """Symmetric smoothing window of odd `size` with its peak equal to 1."""
+    # scipy here, not at the top: importing scipy.signal costs every Ray worker a second at start-up
+    from scipy.ndimage import gaussian_filter1d
+    from scipy.signal.windows import triang
+
     half = size // 2
     if kind == "gaussian":
         delta = np.zeros(size)
@@ -64,6 +66,8 @@ def label_weights(train_labels, reweight: str = "none", lds: bool = False, kerne
     else:
         raise ValueError(f"unknown reweight {reweight!r}: use none, inverse or sqrt_inv")
     if lds:
+        from scipy.ndimage import convolve1d
+
         effective = convolve1d(effective, lds_kernel(kernel, kernel_size, sigma), mode="constant")
     with np.errstate(divide="ignore"):
         per_bin = np.where(effective > 0, 1.0 / effective, 0.0)

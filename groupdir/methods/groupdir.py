@@ -25,7 +25,7 @@ class GroupDIR:
             if cfg.contrast_scope == "global":
                 features, contrast_groups = global_batch(features, groups)
             terms["grc"] = group_contrastive_loss(features, contrast_groups, cfg.temperature, cfg.similarity,
-                                                  cfg.loss_backend)
+                                                  cfg.loss_backend, cfg.loss_precision, cfg.num_groups)
             total = total + cfg.lambda_grc * terms["grc"]
         return {"total": total, **terms}
 

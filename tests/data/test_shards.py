@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from groupdir.data import DataError, read_dir_table
@@ -63,8 +64,34 @@ def test_restored_epoch_counter_gives_that_epochs_order(shards):
     orders = [list(read_rows(loader)) for _ in range(3)]
     assert orders[0] != orders[1]
     resumed = ShardLoader(shards, "train", 16, 50, train=True, seed=1, workers=1)
-    resumed.epoch = 2
+    resumed.set_epoch(2)
     assert list(read_rows(resumed)) == orders[2]
+
+
+def test_augmented_batches_hold_their_rows_images_and_a_restored_epoch_replays_them(shards):
+    """Each training image is a pad-crop (and maybe mirror) of its own row's image; a fresh loader
+    set to epoch 1 yields epoch 1's images exactly."""
+    from groupdir.data.augment import padding_for
+
+    plain = ShardLoader(shards, "train", 16, 50, train=False, workers=1)
+    by_row = {int(row): image for images, _, rows in plain for image, row in zip(images, rows)}
+    loader = ShardLoader(shards, "train", 16, 50, train=True, seed=3, workers=1)
+    epochs = [[(images.clone(), rows) for images, _, rows in loader] for _ in range(2)]
+    padding, inner = padding_for(16), slice(padding_for(16), 16 - padding_for(16))
+    for images, rows in epochs[0]:
+        assert images.dtype == torch.float32 and images.min() >= -1 and images.max() <= 1
+        for image, row in zip(images, rows):
+            source = by_row[int(row)]
+            # the inner part of the crop is a window of the source at a shift of at most `padding`
+            assert any(torch.equal(candidate[:, inner, inner],
+                                   torch.roll(source, (dy, dx), (1, 2))[:, inner, inner])
+                       for candidate in (image, image.flip(2))
+                       for dy in range(-padding, padding + 1) for dx in range(-padding, padding + 1))
+    resumed = ShardLoader(shards, "train", 16, 50, train=True, seed=3, workers=1)
+    resumed.set_epoch(1)
+    replay = [(images, rows) for images, _, rows in resumed]
+    assert all(torch.equal(a, b) and torch.equal(r, q) for (a, r), (b, q) in zip(epochs[1], replay))
+    assert not torch.equal(epochs[0][0][0], epochs[1][0][0])
 
 
 def small_root(tmp_path):
@@ -144,7 +171,7 @@ def _ddp_rank(rank: int, world_size: int, store: str, shards_dir: str, result: s
         epochs = [rows_of(loader), rows_of(loader)]
         restored = ShardLoader(shards_dir, "train", 16, 16, train=True, seed=5, workers=1, rank=rank,
                                world_size=world_size)
-        restored.epoch = 1
+        restored.set_epoch(1)
         val = ShardLoader(shards_dir, "val", 16, 50, train=False, workers=1, rank=rank, world_size=world_size)
         Path(result).write_text(json.dumps({"epochs": epochs, "restored": rows_of(restored), "val": rows_of(val)}))
     finally:

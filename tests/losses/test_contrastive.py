@@ -84,10 +84,17 @@ def test_similarities():
     (dict(backend="cuda-magic"), "unknown backend"),
     (dict(similarity="dot"), "unknown similarity"),
     (dict(temperature=0.0), "temperature"),
+    (dict(precision="fp8"), "unknown precision"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         group_contrastive_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), **kwargs)
+
+
+def test_the_torch_path_ignores_the_triton_options():
+    z, groups = torch.randn(12, 5), torch.randint(0, 4, (12,))
+    plain = group_contrastive_loss(z, groups, backend="torch")
+    assert group_contrastive_loss(z, groups, backend="torch", precision="bf16", num_groups=4) == plain
 
 
 def test_float_groups_are_refused():
