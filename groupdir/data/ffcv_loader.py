@@ -3,8 +3,8 @@
 FFCV's threads only decode and resize (to S x S: faces are square crops). The training augmentation
 (pad-and-crop or random resized crop, flip) and the normalisation run on the whole batch on the
 training device (groupdir/data/augment.py), a few batched tensor ops, where FFCV's own per-image
-RandomTranslate and flip halved the loader's throughput on a 2-core CPU. Batches come out as float (B, 3, S, S)
-on that device, as the DataLoader path's do.
+RandomTranslate and flip halved the loader's throughput on a 2-core CPU. Batches come out as float
+(B, 3, S, S) on that device, as the DataLoader path's do.
 
 One shard per split: FFCV's own `distributed=True` gives each rank its slice (the process group must
 exist first). K shards (K a multiple of the world size): each epoch the shards are dealt to the ranks
