@@ -282,7 +282,7 @@ def finish(worker: Worker) -> None:
         results = route_metrics(outputs, worker.targets.grouping, worker.labels, cfg, calibration)
     # validation: the delivered model's validation metrics (what a sweep ranks it by)
     results.update(validation=state.best_val, classifier_retraining=retraining or {}, best_epoch=state.best_epoch,
-                   steps=state.step, workers=worker.world_size, nodes=worker.nodes, timings=state.timings)
+                   steps=state.step, workers=worker.world_size, nodes=worker.nodes, timings=dict(state.timings))
     state.results = results
     report(worker)
     if worker.tracker and not worker.tracker.final_logged(worker.job.run_id):
