@@ -91,5 +91,23 @@ def load(path: str | Path) -> dict:
         raise TrainingError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
 
 
+def encoder_weights(path: str | Path, backbone: str) -> dict[str, torch.Tensor]:
+    """The encoder's weights in a `checkpoint.pt` (for init_from), refused with the file's name when
+    it holds no groupdir model or another backbone."""
+    saved = load(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or "config" not in saved:
+        raise TrainingError(f"init_from={path} is not a groupdir checkpoint.pt (no model and config in it)")
+    trained_on = saved["config"].get("backbone")
+    if trained_on != backbone:
+        raise TrainingError(f"init_from={path} holds a {trained_on} encoder; this run's backbone is {backbone}")
+    prefix = "encoder."
+    return {key[len(prefix):]: value for key, value in saved["model"].items() if key.startswith(prefix)}
+
+
+def load_encoder(net, path: str | Path, backbone: str) -> None:
+    """Starts `net`'s encoder from the checkpoint's; the heads keep their fresh initialisation."""
+    net.encoder.load_state_dict(encoder_weights(path, backbone))
+
+
 def temporary_folder():
     return tempfile.TemporaryDirectory(prefix="groupdir-ckpt-")

@@ -60,8 +60,9 @@ def add_data_commands(commands) -> None:
 def add_training_commands(commands) -> None:
     train = commands.add_parser("train", help="train one model and evaluate it on the test split once")
     train.add_argument("--data", help="DIR data root (same as data=...)")
-    train.add_argument("--config", help="YAML config file, or a packaged config by name ("
-                                         + ", ".join(packaged_configs()) + "); key=value arguments override it")
+    train.add_argument("--config", action="append", help="YAML config file, or a packaged config by name ("
+                                         + ", ".join(packaged_configs()) + "); repeat it to layer a method's over a "
+                                         "data set's (later wins); key=value arguments override them")
     train.add_argument("--out", help="run folder (default runs/<method>-<time>); rerun with the same "
                                       "--out to resume an interrupted run")
     train.add_argument("--address", help="join a Ray cluster: auto or ray://host:10001 (same as address=...)")
@@ -69,7 +70,7 @@ def add_training_commands(commands) -> None:
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
     config = commands.add_parser("config", help="print the resolved config as YAML, or every key as Markdown")
-    config.add_argument("--config", help="YAML config file or packaged config name")
+    config.add_argument("--config", action="append", help="YAML config file or packaged config name (repeatable)")
     config.add_argument("--markdown", action="store_true", help="every key, its type, default and meaning "
                                                                  "(docs/config.md)")
     config.add_argument("overrides", nargs="*", metavar="key=value")
@@ -115,8 +116,9 @@ def add_bench_commands(commands) -> None:
     loader.add_argument("--workers", type=int, default=2, help="loader processes for both (default 2)")
     loader.add_argument("--batch-size", type=int, default=128)
     loader.add_argument("--epochs", type=int, default=2, help="timed passes after one warm-up pass")
-    method = bench_kinds.add_parser("method", help="Group-DIR (paper, calibrated) vs vanilla vs SQINV+LDS, "
-                                                   "paired seeds, a verdict per claim")
+    method = bench_kinds.add_parser("method", help="Group-DIR and the field's DIR methods (FDS, LDS, "
+                                                   "RankSim, Balanced MSE, ConR, RnC + linear) on paired seeds, "
+                                                   "a verdict per claim")
     method.add_argument("--out", default="bench/method")
     method.add_argument("--data", default="", help="shards or a DIR data root (default: synthetic, --train images)")
     method.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1, paired across methods (default 3)")

@@ -31,6 +31,8 @@ Backend = Literal["auto", "triton", "torch", "naive"]
 Precision = Literal["ieee", "tf32", "bf16"]
 Similarity = Literal["cosine", "euclidean"]
 Route = Literal["predicted", "soft", "adjusted", "adjusted_soft"]
+Method = Literal["groupdir", "vanilla", "ranksim", "balanced_mse", "conr", "rnc"]
+Kernel = Literal["gaussian", "triang", "laplace"]
 
 # The choices, for the modules that check their own arguments.
 PRESET_CSV = {"synth": "synth_age.csv", "imdb-wiki-dir": "imdb_wiki.csv", "agedb-dir": "agedb.csv"}
@@ -67,8 +69,8 @@ class Config(BaseModel):
     """... and few-shot with fewer than this many."""
 
     # --- method -----------------------------------------------------------------------------
-    method: Literal["groupdir", "vanilla"] = "groupdir"
-    """groupdir (paper) | vanilla (one regressor)."""
+    method: Method = "groupdir"
+    """groupdir (paper) | vanilla (one regressor) | ranksim | balanced_mse | conr | rnc (encoder pretraining); docs/baselines.md."""
     num_groups: PositiveInt = 20
     """Ordered label groups (G)."""
     grouping: Literal["equal_width", "equal_frequency"] = "equal_width"
@@ -103,12 +105,52 @@ class Config(BaseModel):
     """Weights on the regression loss."""
     lds: bool = False
     """Label distribution smoothing of the re-weighting counts."""
-    lds_kernel: Literal["gaussian", "triang", "laplace"] = "gaussian"
+    lds_kernel: Kernel = "gaussian"
     """LDS kernel."""
     lds_ks: PositiveInt = 5
     """LDS kernel size (odd)."""
     lds_sigma: NonNegative = 2.0
     """LDS kernel width."""
+
+    # --- the field's baselines (docs/baselines.md; defaults from each original paper) ------------
+    fds: bool = False
+    """Feature distribution smoothing (Yang et al. 2021) of the features the heads see in training; any method."""
+    fds_kernel: Kernel = "gaussian"
+    """FDS smoothing kernel over label bins."""
+    fds_ks: PositiveInt = 5
+    """FDS kernel size (odd)."""
+    fds_sigma: NonNegative = 2.0
+    """FDS kernel width."""
+    fds_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """Momentum of FDS's running per-bin statistics across epochs."""
+    fds_start_smooth: NonNegativeInt = 1
+    """First epoch (0-based) whose features FDS calibrates (it needs an epoch of statistics first)."""
+    ranksim_weight: NonNegative = 100.0
+    """method=ranksim: gamma, the weight of the ranking-similarity regulariser."""
+    ranksim_interpolation: Positive = 2.0
+    """method=ranksim: lambda, the blackbox ranking's interpolation strength."""
+    balanced_mse: Literal["bmc", "gai"] = "bmc"
+    """method=balanced_mse: bmc (batch Monte-Carlo) | gai (GMM analytic integration)."""
+    noise_sigma: Positive = 1.0
+    """method=balanced_mse: initial noise scale sigma (learned)."""
+    noise_sigma_lr: Positive = 0.01
+    """method=balanced_mse: learning rate of sigma."""
+    gmm_components: PositiveInt = 8
+    """method=balanced_mse, gai: components of the GMM fitted on the training labels."""
+    conr_weight: NonNegative = 4.0
+    """method=conr: beta, the weight of the ConR regulariser."""
+    conr_threshold: NonNegative = 1.0
+    """method=conr: w, labels (and predictions) within it are similar."""
+    conr_temperature: Positive = 0.07
+    """method=conr: temperature of the feature similarities."""
+    conr_pushing_power: NonNegative = 0.01
+    """method=conr: e, negatives are pushed with weight exp(e * label distance)."""
+    rnc_temperature: Positive = 2.0
+    """method=rnc: temperature of Rank-N-Contrast's -L2 similarity."""
+    init_from: str = ""
+    """A checkpoint.pt whose ENCODER starts this run (two-stage training, e.g. after method=rnc); heads start fresh."""
+    freeze_encoder: bool = False
+    """Train the heads only, on the encoder's features in evaluation mode (a linear probe with method=vanilla)."""
 
     # --- routing and calibration (after training, on validation only) -----------------------
     select_route: Literal["auto", "predicted", "soft", "adjusted", "adjusted_soft"] = "auto"
@@ -127,10 +169,14 @@ class Config(BaseModel):
     """Training epochs."""
     batch_size: PositiveInt = 128
     """The global batch, split among the workers."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """adam | sgd (with `momentum`)."""
     lr: Positive = 1e-3
-    """Adam learning rate."""
+    """Learning rate."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """SGD momentum (optimizer=sgd)."""
     weight_decay: NonNegative = 1e-4
-    """Adam weight decay."""
+    """Weight decay."""
     seed: int = 0
     """Initial weights, data order, augmentation."""
     select_metric: str = "bmae/all"
@@ -150,7 +196,7 @@ class Config(BaseModel):
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement strategy of the workers over nodes."""
     contrast_scope: Literal["local", "global"] = "global"
-    """global: the contrastive loss sees every worker's batch | local: each worker its own."""
+    """global: batch-defined losses (contrast, RankSim, BMC, ConR, RnC) see every worker's batch | local: each its own."""
     compile: bool = False
     """torch.compile the model in each worker."""
     address: str = ""
@@ -180,8 +226,18 @@ class Config(BaseModel):
                              f"2 samples for each of the workers={self.workers}")
         if self.lds and self.reweight == "none":
             raise ValueError("lds=true smooths the re-weighting counts: set reweight=inverse or sqrt_inv")
-        if self.lds_ks % 2 == 0:
-            raise ValueError(f"lds_ks={self.lds_ks} must be an odd number >= 1")
+        for key in ("lds_ks", "fds_ks"):
+            if getattr(self, key) % 2 == 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be an odd number >= 1")
+        if self.freeze_encoder and not self.init_from:
+            raise ValueError("freeze_encoder=true trains heads on a fixed encoder: give it one with init_from=RUN/checkpoint.pt")
+        if self.method == "rnc" and (self.freeze_encoder or self.fds):
+            raise ValueError("method=rnc trains the encoder alone: freeze_encoder and fds do not apply")
+        if self.method == "rnc" and self.loss_backend == "triton":
+            raise ValueError("method=rnc uses -L2 on raw features, which the Triton kernels do not take "
+                             "(they L2-normalise): use loss_backend=auto or torch")
+        if self.method == "balanced_mse" and self.reweight != "none":
+            raise ValueError("method=balanced_mse balances the likelihood itself: keep reweight=none")
         if (self.label_min is None) != (self.label_max is None):
             raise ValueError("give both label_min and label_max, or neither")
         if self.label_min is not None and not self.label_min < self.label_max:
@@ -235,6 +291,8 @@ def describe(error: dict, model: type[BaseModel] | None = None) -> str:
         bound = f"> {bounds['gt']:g}" if "gt" in bounds else f">= {bounds.get('ge', 0):g}"
         number = "a finite number" if (field.annotation is float if field else not isinstance(value, int)) else "an integer"
         return f"{key}={value!r} must be {number} {bound}"
+    if kind == "less_than":
+        return f"{key}={value!r} must be < {error['ctx']['lt']:g}"
     expected = {"int": "an integer", "bool": "true or false", "float": "a number", "dict": "a mapping"}.get(kind.split("_")[0])
     if expected:
         return f"{key}={value!r}: expected {expected}"
@@ -314,13 +372,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err}") from err
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value")
-    return loaded
+    # `extends: NAME` starts from another config (a data set's), so a method's file holds only its keys.
+    base = loaded.pop("extends", None)
+    return {**(read_config_file(base) if base else {}), **loaded}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (a path, or a packaged config's name) <- overrides ("key=value"
-    strings or a dict), validated."""
-    values: dict[str, Any] = read_config_file(path) if path is not None else {}
+def load_config(path: str | Path | list | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file(s) (paths or packaged configs' names, later ones over earlier ones, e.g.
+    a data set's and then a method's) <- overrides ("key=value" strings or a dict), validated."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    values: dict[str, Any] = {}
+    for each in paths:
+        values.update(read_config_file(each))
     given = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
     values.update({key: parse_value(key, text) for key, text in given.items()})
     # A YAML file may write a string key as a number (csv: 2024.csv is fine, experiment: 7 too).

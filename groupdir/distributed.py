@@ -1,8 +1,9 @@
 """The collectives the training loop needs, each a no-op in a single process.
 
 `global_batch` is what makes contrast_scope=global possible: every worker gathers all workers'
-features (with autograd: gradients flow back to the worker that produced them) and groups, so the
-O(B^2) contrastive loss sees the global batch. Its backward SUMS the gradient each worker computes
+features (with autograd: gradients flow back to the worker that produced them) and labels or groups,
+so a batch-defined loss (the O(B^2) contrastive losses, RankSim, Balanced MSE's BMC) sees the
+global batch. Its backward SUMS the gradient each worker computes
 for a piece (every worker computes the same global loss), so a worker's features receive
 world_size x dL/dz; DDP then averages parameter gradients over the workers, which makes the
 parameter gradient exactly that of the global loss.
@@ -22,14 +23,23 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def global_batch(features: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every worker's (features, groups) concatenated in rank order; workers' batches are equal-sized."""
+def global_batch(features: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every worker's features (with gradient) and `others` (labels, groups: without), each
+    concatenated in rank order; workers' batches are equal-sized."""
     _, world_size = world()
     if world_size == 1:
-        return features, groups
-    all_groups = [torch.empty_like(groups) for _ in range(world_size)]
-    dist.all_gather(all_groups, groups.contiguous())
-    return _GatherWithGrad.apply(features), torch.cat(all_groups)
+        return (features, *others)
+    return (_GatherWithGrad.apply(features), *(gather(tensor) for tensor in others))
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every worker's `tensor` concatenated in rank order, without gradient."""
+    _, world_size = world()
+    if world_size == 1:
+        return tensor
+    pieces = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(pieces, tensor.contiguous())
+    return torch.cat(pieces)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -59,6 +69,13 @@ def mean_over_workers(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / world_size
+
+
+def sum_over_workers(values: torch.Tensor) -> None:
+    """Sums `values` over the workers, in place (FDS's per-bin feature sums)."""
+    _, world_size = world()
+    if world_size > 1:
+        dist.all_reduce(values)
 
 
 def sync_buffers(module: torch.nn.Module) -> None:

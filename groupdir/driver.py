@@ -125,6 +125,7 @@ def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_nam
 def resolve_paths(cfg: Config) -> Config:
     """Paths made absolute, since Ray workers run in other folders (or on other nodes)."""
     return cfg.replace(data=str(Path(cfg.data).resolve()) if cfg.data else "",
+                       init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else "",
                        storage_path=local_absolute(cfg.storage_path), tracking_uri=resolve_uri(cfg.tracking_uri))
 
 
@@ -134,6 +135,8 @@ def preflight(cfg: Config) -> str:
         raise ConfigError("no data: pass --data DATA (FFCV shards or a DIR data root)")
     labels = train_labels(cfg)
     recipe.supervision(cfg, labels)  # raises on more groups than labels, a bad LDS setting
+    if cfg.init_from:
+        checkpoint.encoder_weights(cfg.init_from, cfg.backbone)  # the file exists and fits this backbone
     if len(labels) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training rows: no full batch")
     if is_shards_dir(cfg.data):

@@ -265,14 +265,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DI
     config, group edges, training labels and the calibration validation chose)."""
     from groupdir import checkpoint
     from groupdir.config import build
-    from groupdir.methods import get_method
+    from groupdir.methods import build_model
 
     saved = checkpoint.load(path)
     if "calibration" not in saved:
         raise TrainingError(f"checkpoint {path} has no route calibration (it predates groupdir "
                             f"{__version__}); train it again")
     cfg = build(saved["config"])
-    model = DIRNet(cfg.backbone, cfg.num_groups, grouped=get_method(cfg.method).grouped)
+    model = build_model(cfg, saved["train_labels"].numpy())
     model.load_state_dict(saved["model"])
     return model.to(device).eval(), saved
 

@@ -7,7 +7,8 @@
               evaluation of the best-on-validation model, reported with the final checkpoint
 
 One process is the same code with world size 1. The method (groupdir/methods/) supplies the heads,
-the loss terms and the after-training step; nothing here branches on the method's name.
+its own state, how many views of each image a batch holds, the loss terms and the after-training
+step; nothing here branches on the method's name.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from groupdir import checkpoint
 from groupdir.checkpoint import TrainState
 from groupdir.config import Config
 from groupdir.data import open_data
-from groupdir.distributed import gather_objects, mean_over_workers, sync_buffers, world
+from groupdir.distributed import gather_objects, mean_over_workers, sum_over_workers, sync_buffers, world
 from groupdir.errors import TrainingError
 from groupdir.evaluation import (TEST_ROUTES, Calibration, Outputs, calibrate, group_centroids, label_prior,
                                  predict, route_metrics, route_values)
 from groupdir.grouping import Grouping, make_grouping
 from groupdir.losses import label_weights
-from groupdir.methods import Method, get_method
+from groupdir.methods import Method, Step, build_model, get_method
 from groupdir.metrics import format_shot_table
 from groupdir.model import DIRNet, forward
 
@@ -112,12 +113,8 @@ def setup(job: Job) -> Worker:
     device = ray.train.torch.get_device()
     method = get_method(cfg.method)
 
-    labels, loaders = open_data(cfg, rank=rank, world_size=world_size, device=device)
-    targets = supervision(cfg, labels)
-    net = DIRNet(cfg.backbone, cfg.num_groups, grouped=method.grouped)
-    init_regressor_bias(net, labels, targets.grouping)
-    net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    labels, loaders = open_data(cfg, rank=rank, world_size=world_size, device=device, views=method.views)
+    targets, net, optimizer = build_training(cfg, labels, device)
     saved = ray.train.get_checkpoint()
     if saved is None:
         state = TrainState()
@@ -142,6 +139,34 @@ def setup(job: Job) -> Worker:
                   optimizer, state, tracker)
 
 
+def build_training(cfg: Config, train_labels: np.ndarray, device: torch.device) -> tuple[Supervision, DIRNet,
+                                                                                       torch.optim.Optimizer]:
+    """The labels' supervision, the model on `device` (its encoder from init_from, its frozen parts
+    frozen) and its optimizer."""
+    targets = supervision(cfg, train_labels)
+    net = build_model(cfg, train_labels)
+    init_regressor_bias(net, train_labels, targets.grouping)
+    if cfg.init_from:
+        checkpoint.load_encoder(net, cfg.init_from, cfg.backbone)
+    if cfg.freeze_encoder:
+        net.encoder.requires_grad_(False)
+    if get_method(cfg.method).pretrains:  # the heads get no gradient; DDP must not wait for one
+        for head in (net.classifier, net.experts):
+            if head is not None:
+                head.requires_grad_(False)
+    net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    return targets, net, make_optimizer(cfg, net)
+
+
+def local_worker(cfg: Config, train_labels: np.ndarray, device: torch.device | str = "cpu") -> Worker:
+    """One process's Worker, without Ray, loaders or tracking, for code that drives train_step itself
+    (the benchmark's loader-free ceiling, the kernel checks)."""
+    device = torch.device(device)
+    targets, net, optimizer = build_training(cfg, train_labels, device)
+    return Worker(cfg, Job(cfg, run_id=""), get_method(cfg.method), 0, 1, 1, device, train_labels, {}, targets,
+                  net, net, optimizer, TrainState(), None)
+
+
 def supervision(cfg: Config, train_labels: np.ndarray) -> Supervision:
     label_range = (cfg.label_min, cfg.label_max) if cfg.label_min is not None else None
     grouping = make_grouping(train_labels, cfg.num_groups, cfg.grouping, label_range)
@@ -161,6 +186,18 @@ def init_regressor_bias(model: DIRNet, train_labels: np.ndarray, grouping: Group
             model.experts.bias.copy_(torch.as_tensor(group_centroids(train_labels, grouping)))
 
 
+def make_optimizer(cfg: Config, net: DIRNet) -> torch.optim.Optimizer:
+    """Adam or SGD over the trainable weights; the method's own parameters at their own rate."""
+    state = list(net.method_state.parameters()) if net.method_state is not None else []
+    weights = [p for p in net.parameters() if p.requires_grad and all(p is not q for q in state)]
+    groups = [{"params": weights}]
+    if state:
+        groups.append({"params": state, "lr": getattr(net.method_state, "lr", cfg.lr), "weight_decay": 0.0})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -172,14 +209,15 @@ def seed_everything(seed: int) -> None:
 def train_epoch(worker: Worker, epoch: int) -> tuple[dict[str, float], float]:
     """One pass over the training split; returns each loss term summed over the steps, and the seconds."""
     worker.model.train()
+    if worker.cfg.freeze_encoder:  # a fixed encoder: its BatchNorm statistics stay as trained
+        worker.net.encoder.eval()
     worker.loaders["train"].set_epoch(epoch)
     sums: dict[str, float] = {}
     started = fetched = time.perf_counter()
     waited = 0.0  # for the phase times: how long the step waited for its batch
     for images, batch_labels, _ in worker.loaders["train"]:
         waited += time.perf_counter() - fetched
-        values = train_step(worker.cfg, worker.method, worker.model, worker.optimizer, images, batch_labels,
-                            worker.targets, worker.device)
+        values = train_step(worker, images, batch_labels)
         check_finite(values, epoch, worker.state.step)
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value
@@ -191,17 +229,20 @@ def train_epoch(worker: Worker, epoch: int) -> tuple[dict[str, float], float]:
     return sums, seconds
 
 
-def train_step(cfg: Config, method: Method, model, optimizer, images, labels, targets: Supervision,
-               device) -> dict[str, float]:
+def train_step(worker: Worker, images, labels) -> dict[str, float]:
     """One optimizer step of the method's loss; returns each term averaged over the workers."""
+    targets, device = worker.targets, worker.device
     groups = torch.as_tensor(targets.grouping.assign(labels.numpy()), device=device)
     weights = torch.as_tensor(targets.weigh(labels.numpy()), device=device) if targets.weigh else None
-    output = forward(model, images, device)
-    terms = method.loss_terms(cfg, output, labels.to(device, torch.float32), groups, weights, targets.group_log_prior)
+    labels = labels.to(device, torch.float32)
+    output = forward(worker.model, images, device, labels if worker.net.feature_smoothing is not None else None)
+    step = Step(output, labels, groups, weights, targets.group_log_prior.to(device), worker.state.step,
+                worker.net.method_state)
+    terms = worker.method.loss_terms(worker.cfg, step)
     values = mean_over_workers(torch.stack([term.detach() for term in terms.values()])).tolist()
-    optimizer.zero_grad(set_to_none=True)
+    worker.optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
-    optimizer.step()
+    worker.optimizer.step()
     return dict(zip(terms, values))
 
 
@@ -215,10 +256,13 @@ def check_finite(values: dict[str, float], epoch: int, step: int) -> None:
 def end_epoch(worker: Worker, epoch: int, sums: dict[str, float], seconds: float) -> None:
     """Validate, keep the best model, record the epoch, report the checkpoint, log it."""
     cfg, state = worker.cfg, worker.state
+    if worker.net.feature_smoothing is not None:  # the epoch's per-bin feature statistics, from every worker
+        worker.net.feature_smoothing.end_epoch(sum_over_workers)
     sync_buffers(worker.net)
     with timed(state, "validation"):
         val, calibration = validate(worker, worker.loaders["val"])
-    improved = val[cfg.select_metric] < state.best_value
+    # A pretraining method has no regressor to select on: it delivers its last epoch.
+    improved = val[cfg.select_metric] < state.best_value or worker.method.pretrains
     if improved:
         state.best_value, state.best_epoch = val[cfg.select_metric], epoch + 1
         keep_best(state, worker.net, val, calibration)

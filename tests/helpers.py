@@ -2,6 +2,7 @@
 handed to the driver as its worker loop so that it stays out of the product (no config key, no
 check in the training loop)."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -59,3 +60,24 @@ class FailWhen:
         if getattr(job.cfg, self.key) == self.value:
             raise RuntimeError(f"injected failure: {self.key}={self.value!r}")
         recipe.train_worker(job)
+
+
+def on_gloo_ranks(work, world_size: int, folder: Path) -> list:
+    """`work(rank)` (a module-level function returning JSON-able results) on `world_size` spawned
+    processes joined in one gloo process group, as DDP workers are; each rank's results, in order."""
+    import torch.multiprocessing as mp
+
+    outs = [str(Path(folder) / f"rank{rank}.json") for rank in range(world_size)]
+    mp.spawn(_gloo_rank, args=(work, world_size, str(Path(folder) / "store"), outs), nprocs=world_size)
+    return [json.loads(Path(out).read_text()) for out in outs]
+
+
+def _gloo_rank(rank: int, work, world_size: int, store: str, outs: list) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    Path(outs[rank]).write_text(json.dumps(work(rank)))
+    dist.barrier()  # every rank's results are written
+    # Tearing gloo down at exit sometimes aborts a rank ("terminate called without an active
+    # exception", a joinable C++ thread destroyed); the results are in, so leave without teardown.
+    os._exit(0)

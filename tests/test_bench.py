@@ -11,29 +11,37 @@ from groupdir.errors import ConfigError
 
 @pytest.mark.slow
 def test_bench_method_pairs_seeds_and_gives_a_verdict_per_claim(tiny_synth, tmp_path, local_ray):
-    # Two of the four methods on the tiny data root keep it short; the table's arithmetic is tested below.
+    # Two methods on the tiny data root keep it short, one of them two-stage (an RnC pretraining per
+    # seed first); the table's arithmetic is tested below.
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tiny = ["image_size=16", "batch_size=64", "num_groups=5", "crt_epochs=1"]
-    methods = ["vanilla", "Group-DIR (calibrated)"]
+    methods = ["vanilla", "Group-DIR (two-stage)"]
     table = bench_method(tmp_path, seeds=2, epochs=1, overrides=tiny, tracking_uri=tracking, methods=methods,
                          data=str(tiny_synth))
     assert (tmp_path / "method.md").read_text() == table
     for name in METHODS:
         assert (f"| {name} |" in table) == (name in methods)
     for route in ("predicted", "adjusted_soft", "oracle", "centroid"):
-        assert f"| Group-DIR (calibrated) | {route} |" in table
-    assert "- Group-DIR (calibrated) lowers mae/few vs vanilla: " in table
+        assert f"| Group-DIR (two-stage) | {route} |" in table
+    assert "- Group-DIR (two-stage) lowers mae/few vs vanilla: " in table
     assert "vs SQINV + LDS" not in table  # no comparison with a method that did not run
-    assert "Group-DIR (calibrated): validation chose seed 0: " in table
+    assert "Group-DIR (two-stage): validation chose seed 0: " in table
+    assert "Beat vanilla on few-shot MAE (paired, by more than two standard errors): " in table
     raw = json.loads((tmp_path / "method.json").read_text())
     assert list(raw) == methods and all(len(runs) == 2 for runs in raw.values())
-    # Seeds are paired: seed s of every method trained with seed=s.
+    # Seeds are paired: seed s of every method trained with seed=s, the two-stage one on seed s's RnC.
     for name in methods:
         for seed in (0, 1):
             config = json.loads((tmp_path / "runs" / f"{slug(name)}-seed{seed}" / "run.json").read_text())["config"]
             assert config["seed"] == seed and config["epochs"] == 1
+    for seed in (0, 1):
+        pretraining = json.loads((tmp_path / "runs" / f"rnc-seed{seed}" / "run.json").read_text())["config"]
+        assert pretraining["method"] == "rnc" and pretraining["seed"] == seed
+        two_stage = json.loads((tmp_path / "runs" / f"group-dir-two-stage-seed{seed}" / "run.json").read_text())
+        assert two_stage["config"]["init_from"] == str(tmp_path / "runs" / f"rnc-seed{seed}" / "checkpoint.pt")
     # A second call resumes: every run is already finished, nothing is retrained.
     before = {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
+    assert len(before) == 6
     bench_method(tmp_path, seeds=2, epochs=1, overrides=tiny, tracking_uri=tracking, methods=methods,
                  data=str(tiny_synth))
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
@@ -70,6 +78,9 @@ def test_method_table_reads_each_methods_headline_route():
                                           fake_run("adjusted", **{"mae/few": 6.2, "mae/many": 5.3})]}
     table = method_table(results, "synthetic, 4000 training images", 3, [], 1.0)
     assert "- Group-DIR (calibrated) lowers mae/few vs vanilla: holds (-5.90 +- 0.10)" in table
+    assert "- Group-DIR (calibrated) lowers mae/few vs SQINV + LDS: holds" in table
+    assert "- SQINV + LDS lowers mae/few vs vanilla: does NOT hold (within two standard errors) (+0.00 +- 0.00)" in table
+    assert "Beat vanilla on few-shot MAE (paired, by more than two standard errors): Group-DIR (calibrated)." in table
     assert "few-shot MAE at most 0.85x vanilla's: met (0.51x)" in table
     assert "many-shot MAE at most 1.10x vanilla's: met (1.05x)" in table
 

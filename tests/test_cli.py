@@ -67,7 +67,7 @@ def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
 
 def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--config", "papr"]) == 2
-    assert "no packaged config of that name; packaged: agedb-dir, authors, calibrated" in capsys.readouterr().err
+    assert "no packaged config of that name; packaged: agedb-dir, agedb-dir-balanced-mse, agedb-dir-conr" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "num_groups=banana"]) == 2
     assert "num_groups='banana': expected an integer" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2

@@ -2,7 +2,7 @@ import pytest
 
 from pathlib import Path
 
-from groupdir.config import Config, ConfigError, changed_settings, config_reference, load_config
+from groupdir.config import Config, ConfigError, changed_settings, config_reference, load_config, packaged_configs
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -17,7 +17,14 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("num_grups=3", "unknown config key.*num_grups"),
-    ("method=ranksim", "method='ranksim' is not one of"),
+    ("method=ranksum", "method='ranksum' is not one of"),
+    ("freeze_encoder=true", "freeze_encoder=true trains heads on a fixed encoder"),
+    ("method=rnc|loss_backend=triton", "method=rnc uses -L2 on raw features"),
+    ("method=rnc|fds=true", "method=rnc trains the encoder alone"),
+    ("method=balanced_mse|reweight=inverse", "method=balanced_mse balances the likelihood itself"),
+    ("fds_ks=4", "fds_ks=4 must be an odd number"),
+    ("fds_momentum=1", "fds_momentum=1 must be"),
+    ("optimizer=lamb", "optimizer='lamb' is not one of adam, sgd"),
     ("num_groups=0", "num_groups=0 must be an integer > 0"),
     ("num_groups=2.5", "num_groups=2.5: expected an integer"),
     ("lds=yes please", "lds='yes please': expected true or false"),
@@ -38,7 +45,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 ])
 def test_bad_settings_are_refused_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+        load_config(overrides=override.split("|"))  # "|" joins several keys into one case
 
 
 def test_unreadable_or_non_mapping_file(tmp_path):
@@ -82,3 +89,19 @@ def test_docs_config_page_is_the_generated_reference():
         assert f"| `{key}` |" in reference
     page = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert page.read_text() == reference, "regenerate: groupdir config --markdown > docs/config.md"
+
+
+@pytest.mark.parametrize("name", packaged_configs())
+def test_every_packaged_config_is_valid(name):
+    # a linear probe needs the pretrained run it probes
+    cfg = load_config(name, {"init_from": "runs/rnc/checkpoint.pt"} if name.endswith("rnc-linear") else {})
+    assert cfg.method in ("groupdir", "vanilla", "ranksim", "balanced_mse", "conr", "rnc")
+
+
+def test_a_method_config_extends_its_data_sets_and_later_files_win(tmp_path):
+    ranksim = load_config("agedb-dir-ranksim")
+    assert (ranksim.dataset, ranksim.backbone, ranksim.method, ranksim.batch_size) == ("agedb-dir", "resnet50", "ranksim", 64)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: agedb-dir-ranksim\nranksim_weight: 5\n")
+    layered = load_config([mine, "demo"], ["epochs=2"])
+    assert (layered.ranksim_weight, layered.method, layered.epochs, layered.dataset) == (5, "groupdir", 2, "agedb-dir")

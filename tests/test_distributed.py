@@ -1,16 +1,12 @@
 """Global-batch contrast on two real gloo ranks against one process on the concatenated batch."""
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from groupdir.distributed import gather_rows, global_batch, mean_over_workers
 from groupdir.losses import group_contrastive_loss
+from helpers import on_gloo_ranks
 
 WORLD = 2
 PER_RANK = 6
@@ -28,17 +24,6 @@ def batch():
 def encoder():
     torch.manual_seed(0)
     return torch.nn.Linear(8, DIM)
-
-
-def _rank(rank: int, store: str, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    Path(out).write_text(json.dumps(_global_step(rank)))
-    dist.barrier()  # both results are written
-    # Tearing gloo down at exit sometimes aborts a rank ("terminate called without an active
-    # exception", a joinable C++ thread destroyed); the results are in, so leave without teardown.
-    os._exit(0)
 
 
 def _global_step(rank: int) -> dict:
@@ -60,15 +45,9 @@ def _global_step(rank: int) -> dict:
             "gathered": gathered["value"].tolist()}
 
 
-def _spawned(rank, store, outs):
-    _rank(rank, store, outs[rank])
-
-
 @pytest.mark.slow
 def test_global_contrast_equals_one_process_on_the_concatenated_batch(tmp_path):
-    outs = [str(tmp_path / f"rank{r}.json") for r in range(WORLD)]
-    mp.spawn(_spawned, args=(str(tmp_path / "store"), outs), nprocs=WORLD)
-    ranks = [json.loads(Path(o).read_text()) for o in outs]
+    ranks = on_gloo_ranks(_global_step, WORLD, tmp_path)
 
     inputs, groups = batch()
     reference_model = encoder()

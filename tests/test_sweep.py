@@ -112,7 +112,7 @@ def test_a_bad_space_stops_the_command_before_ray_and_mlflow(shards, tmp_path, c
     assert "cannot read search space" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quick", "groups", "paper", "full", "method"])
+@pytest.mark.parametrize("name", ["quick", "groups", "paper", "full", "method", "baselines"])
 def test_shipped_spaces_are_valid(name):
     spec = sweep.load_space(REPO / "tune" / f"{name}.yaml")
     cfg = sweep.sweep_config(spec, [])
@@ -125,6 +125,9 @@ def test_shipped_spaces_are_valid(name):
         assert cfg.select_route == "auto"
     if name == "groups":
         assert spec.params[0].values == [2, 5, 10, 15, 20, 25, 40, 50] and spec.grace_period == 0
+    if name == "baselines":  # every bundle was built into a valid config by sweep_config
+        baseline = next(p for p in spec.params if p.key == "baseline")
+        assert {bundle["method"] for bundle in baseline.bundles.values()} == {"vanilla", "ranksim", "balanced_mse", "conr"}
     if name == "quick":
         assert cfg.epochs <= 4 and cfg.image_size <= 32 and cfg.backbone == "resnet18"
 

@@ -18,7 +18,7 @@ from groupdir.model import Output
 from groupdir.driver import train
 from groupdir.errors import TrainingError
 from groupdir.evaluation import evaluate_checkpoint
-from groupdir.methods import get_method
+from groupdir.methods import Step, get_method
 from groupdir.recipe import check_finite
 from helpers import CrashOnce, steps_per_epoch
 
@@ -209,9 +209,10 @@ def test_summed_group_loss_weighs_the_mean_by_the_global_batch():
     output = Output(torch.randn(8, 4, generator=generator), torch.randn(8, 5, generator=generator),
                     torch.randn(8, 5, generator=generator))
     labels, groups = torch.rand(8, generator=generator) * 50, torch.arange(8) % 5
+    step = Step(output, labels, groups, None, None, 0, None)
     terms = {reduction: get_method("groupdir").loss_terms(
                  load_config(overrides={"soft_reduction": reduction, "batch_size": 128, "workers": 2,
-                                        "lambda_soft": 0.5}), output, labels, groups, None, None)
+                                        "lambda_soft": 0.5}), step)
              for reduction in ("mean", "sum")}
     torch.testing.assert_close(terms["sum"]["cls"], 128 * terms["mean"]["cls"])
     torch.testing.assert_close(terms["sum"]["total"] - terms["mean"]["total"], 0.5 * 127 * terms["mean"]["cls"])

@@ -140,9 +140,7 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
 
     from groupdir.data import open_data, synthetic_shards
     from groupdir.data.shards import Encoding
-    from groupdir.methods import get_method
-    from groupdir.model import DIRNet
-    from groupdir.recipe import init_regressor_bias, supervision, train_step
+    from groupdir.recipe import local_worker, train_step
 
     shards = synthetic_shards(out, spec=SynthSpec(train=images, eval_cap=1, eval_min=1, image_size=source_size),
                               encoding=Encoding(max_resolution=source_size))
@@ -150,12 +148,7 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
                                  "batch_size": batch_size, "loader_workers": loader_workers})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labels, loaders = open_data(cfg, ["train"], device=device)
-    targets = supervision(cfg, labels)
-    net = DIRNet(backbone, cfg.num_groups)
-    init_regressor_bias(net, labels, targets.grouping)
-    net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    method = get_method(cfg.method)
+    worker = local_worker(cfg, labels, device)
 
     def batches():
         while True:
@@ -163,12 +156,12 @@ def bench_ceiling(out: Path, backbone: str = "resnet50", image_size: int = 224, 
 
     def rate(feed) -> float:
         for _ in range(steps):  # warm-up: cuDNN autotuning, FFCV's JIT, allocator
-            train_step(cfg, method, net, optimizer, *next(feed)[:2], targets, device)
+            train_step(worker, *next(feed)[:2])
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(steps):
-            train_step(cfg, method, net, optimizer, *next(feed)[:2], targets, device)
+            train_step(worker, *next(feed)[:2])
         if device.type == "cuda":
             torch.cuda.synchronize()
         return steps * batch_size / (time.perf_counter() - started)

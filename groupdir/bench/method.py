@@ -3,13 +3,18 @@
 Every method trains on the same synthetic data set (the demo's: 4000 skewed training faces, seed 0)
 with the same seeds; seed s of one method is paired with seed s of every other. Each run picks its
 epoch, and for Group-DIR its route and the route's calibration, on VALIDATION; the test split is
-evaluated once per run. The benchmark prints:
+evaluated once per run. Two-stage methods first pretrain an encoder with Rank-N-Contrast (one
+pretraining per seed, shared by the methods that start from it, for as many epochs), then train
+on it with init_from. The benchmark prints:
 
-- each method's headline test metrics (mean +- std over seeds) and every route of the Group-DIR
-  runs, with the oracle and centroid references labelled apart;
-- for each Group-DIR variant against each baseline, the per-seed paired difference of test bMAE,
+- the field's table: MAE and GM by shot (all / many / median / few), mean +- std over seeds, each
+  method at its headline route;
+- every route of the Group-DIR runs, with the oracle and centroid references labelled apart;
+- for each method against vanilla (and each Group-DIR variant against every baseline, two-stage
+  Group-DIR against RnC + linear on the same encoder), the per-seed paired difference of test bMAE,
   MAE and few-/many-shot MAE with its standard error, and a verdict per claim: it "holds" only when
-  the mean difference favours Group-DIR by more than two standard errors.
+  the mean difference favours the method by more than two standard errors; and, plainly, which
+  methods beat vanilla on few-shot MAE.
 
 Runs go two at a time (one Ray worker and one CPU each) on a 2-CPU machine; finished runs are kept,
 so an interrupted benchmark resumes where it stopped.
@@ -20,8 +25,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,18 +37,32 @@ from groupdir.data import synthetic_shards
 from groupdir.errors import ConfigError
 from groupdir.tables import markdown_table
 
-# name -> (packaged config or None, key=value overrides). The calibrated variant's settings were
-# chosen on validation (docs/results.md), never on test.
+class Entry(NamedTuple):
+    config: str | None          # a packaged config, or None for the defaults
+    overrides: dict             # key=value over it
+    pretrained: str | None = None  # a PRETRAINING whose encoder the run starts from (init_from)
+
+
+# The calibrated variant's settings were chosen on validation (docs/results.md), never on test.
+# Each baseline runs with its paper's defaults (groupdir/config.py) on the benchmark's scale.
 METHODS = {
-    "vanilla": (None, {"method": "vanilla"}),
-    "SQINV + LDS": (None, {"method": "vanilla", "reweight": "sqrt_inv", "lds": True}),
-    "Group-DIR (paper)": ("paper", {}),
-    "Group-DIR (calibrated)": ("calibrated", {}),
+    "vanilla": Entry(None, {"method": "vanilla"}),
+    "SQINV + LDS": Entry(None, {"method": "vanilla", "reweight": "sqrt_inv", "lds": True}),
+    "FDS": Entry(None, {"method": "vanilla", "fds": True}),
+    "RankSim": Entry(None, {"method": "ranksim"}),
+    "Balanced MSE (BMC)": Entry(None, {"method": "balanced_mse", "balanced_mse": "bmc"}),
+    "Balanced MSE (GAI)": Entry(None, {"method": "balanced_mse", "balanced_mse": "gai"}),
+    "ConR": Entry(None, {"method": "conr"}),
+    "RnC + linear": Entry(None, {"method": "vanilla", "freeze_encoder": True, "lr": 0.01}, "RnC"),
+    "Group-DIR (paper)": Entry("paper", {}),
+    "Group-DIR (calibrated)": Entry("calibrated", {}),
+    "Group-DIR (two-stage)": Entry("calibrated", {}, "RnC"),
 }
-BASELINES = ("vanilla", "SQINV + LDS")
+PRETRAINING = {"RnC": Entry(None, {"method": "rnc"})}
+BASELINES = ("vanilla", "SQINV + LDS", "FDS", "RankSim", "Balanced MSE (BMC)", "Balanced MSE (GAI)", "ConR",
+             "RnC + linear")
+SHOT_COLUMNS = tuple(f"{metric}/{shot}" for metric in ("mae", "gm") for shot in ("all", "many", "median", "few"))
 EXPERIMENT = "bench-method"
-COLUMNS = ("mae/all", "mae/many", "mae/median", "mae/few", "gm/all", "gm/few", "bmae/all", "group_acc",
-           "group_acc/few", "group_dist")
 ROUTE_COLUMNS = ("mae/all", "mae/many", "mae/few", "bmae/all", "group_acc/many", "group_acc/median", "group_acc/few",
                  "group_dist")
 CLAIMS = ("bmae/all", "mae/all", "mae/few", "mae/many")
@@ -67,9 +87,10 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
         raise ConfigError(f"--methods: {', '.join(unknown) or 'vanilla missing'}; pick from {', '.join(METHODS)} "
                          f"(vanilla always: the goals are against it)")
     data = str(Path(data).resolve()) if data else ""
+    stages = sorted({METHODS[name].pretrained for name in methods} - {None})
     settings = {"data": data or f"synthetic, {train_size} training images", "epochs": epochs, "overrides": overrides,
-                "methods": {name: {"config": config_path(METHODS[name][0]).read_text() if METHODS[name][0] else None,
-                                   **METHODS[name][1]} for name in methods}}
+                "methods": {name: described(METHODS[name]) for name in methods},
+                **({"pretraining": {name: described(PRETRAINING[name]) for name in stages}} if stages else {})}
     out.mkdir(parents=True, exist_ok=True)
     if (out / "settings.json").is_file():
         if json.loads((out / "settings.json").read_text()) != settings:
@@ -80,14 +101,16 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
     data = data or str(synthetic_shards(out, train_size))
     started = time.perf_counter()
 
-    def run(name: str, seed: int) -> dict:
+    def run(name: str, seed: int, entry: Entry, stage_one: Future | None = None) -> dict:
         run_dir = out / "runs" / f"{slug(name)}-seed{seed}"
         if (run_dir / RESULTS).is_file():
             return json.loads((run_dir / RESULTS).read_text())
-        config, pairs = METHODS[name]
         common = {"data": data, "epochs": epochs, "seed": seed, "workers": 1, "cpus_per_worker": 1,
                   "experiment": EXPERIMENT, "tracking_uri": tracking_uri}
-        cfg = load_config(config, {**pairs, **common, **parse_overrides(overrides)})
+        if stage_one is not None:
+            stage_one.result()  # the pretraining of this seed has finished
+            common["init_from"] = str(out / "runs" / f"{slug(entry.pretrained)}-seed{seed}" / "checkpoint.pt")
+        cfg = load_config(entry.config, {**entry.overrides, **common, **parse_overrides(overrides)})
         print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
         results = train(cfg, run_dir, progress=False)
         print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}: done", flush=True)
@@ -100,7 +123,11 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
     Tracker(tracking_uri).experiment_id(EXPERIMENT)
     jobs = [(name, seed) for seed in range(seeds) for name in methods]
     with ray_session(num_cpus=concurrent), ThreadPoolExecutor(concurrent) as pool:
-        futures = [pool.submit(run, name, seed) for name, seed in jobs]
+        # Pretrainings are queued first: a run waiting for one never holds up the one it waits for.
+        stage_one = {(stage, seed): pool.submit(run, stage, seed, PRETRAINING[stage])
+                     for seed in range(seeds) for stage in stages}
+        futures = [pool.submit(run, name, seed, METHODS[name], stage_one.get((METHODS[name].pretrained, seed)))
+                   for name, seed in jobs]
         try:
             finished = dict(zip(jobs, (future.result() for future in futures)))
         except BaseException:  # a failed run or Ctrl-C: the runs not started yet never start
@@ -115,6 +142,12 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
     return table
 
 
+def described(entry: Entry) -> dict:
+    """An entry as the settings record it: the config's text, so that an edited config is noticed."""
+    return {"config": config_path(entry.config).read_text() if entry.config else None, **entry.overrides,
+            **({"pretrained": entry.pretrained} if entry.pretrained else {})}
+
+
 # ======================================== tables ===========================================
 
 def method_table(results: dict[str, list[dict]], data: str, epochs: int, overrides: list[str],
@@ -123,11 +156,11 @@ def method_table(results: dict[str, list[dict]], data: str, epochs: int, overrid
     lines = [f"Data: {data}; {epochs} epochs, seeds 0-{seeds - 1} paired "
              f"across methods" + (f"; overrides: {' '.join(overrides)}" if overrides else "")
              + f"; wall time {minutes:.1f} min.",
-             "Test split, each method's headline route (chosen on validation for the calibrated variant), "
+             "Test split, each method's headline route (chosen on validation for the calibrated variants), "
              "mean +- std over seeds:", "",
-             *markdown_table(["method", "route", *COLUMNS],
+             *markdown_table(["method", "route", *SHOT_COLUMNS, "bmae/all"],
                              [[name, ", ".join(sorted({run["selected_route"] for run in runs})),
-                               *(spread(metric(runs, column)) for column in COLUMNS)]
+                               *(spread(metric(runs, column)) for column in (*SHOT_COLUMNS, "bmae/all"))]
                               for name, runs in results.items()], text_columns=2)]
     lines += ["", "Every route of the Group-DIR runs (test, mean +- std over seeds; oracle and centroid read the true "
                   "group: references, not test results):", "",
@@ -140,27 +173,40 @@ def method_table(results: dict[str, list[dict]], data: str, epochs: int, overrid
         if "calibration" in runs[0] and runs[0]["calibration"]["shift"]:
             chosen = "; ".join(f"seed {seed}: {describe_route(run)}" for seed, run in enumerate(runs))
             lines += ["", f"{name}: validation chose {chosen}."]
-    lines += ["", f"Paired differences, Group-DIR variant minus baseline, per seed (negative: Group-DIR errs "
-                  f"less); mean +- standard error over {seeds} seeds:", ""]
+    lines += ["", f"Paired differences, method minus baseline, per seed (negative: the method errs less); "
+                  f"mean +- standard error over {seeds} seeds:", ""]
     comparisons, verdicts = [], []
-    for ours in (name for name in results if name not in BASELINES):
-        for theirs in (name for name in BASELINES if name in results):
-            cells = []
-            for column in CLAIMS:
-                mean, error = paired(results[ours], results[theirs], column)
-                cells.append(f"{mean:+.2f} +- {error:.2f}")
-                verdicts.append(f"- {ours} lowers {column} vs {theirs}: {verdict(mean, error)} "
-                                f"({mean:+.2f} +- {error:.2f})")
-            comparisons.append([f"{ours} vs {theirs}", *cells])
+    for ours, theirs in comparisons_of(list(results)):
+        cells = []
+        for column in CLAIMS:
+            mean, error = paired(results[ours], results[theirs], column)
+            cells.append(f"{mean:+.2f} +- {error:.2f}")
+            verdicts.append(f"- {ours} lowers {column} vs {theirs}: {verdict(mean, error)} "
+                            f"({mean:+.2f} +- {error:.2f})")
+        comparisons.append([f"{ours} vs {theirs}", *cells])
     lines += markdown_table(["comparison", *CLAIMS], comparisons)
-    lines += ["", "Claims (a claim holds when the paired difference favours Group-DIR by more than two standard "
+    lines += ["", "Claims (a claim holds when the paired difference favours the method by more than two standard "
                   "errors):"] + verdicts
+    if "vanilla" in results and len(results) > 1:
+        beat = [name for name in results if name != "vanilla"
+                and verdict(*paired(results[name], results["vanilla"], "mae/few")) == "holds"]
+        lines += ["", f"Beat vanilla on few-shot MAE (paired, by more than two standard errors): "
+                      f"{', '.join(beat) or 'none'}. The others do not."]
     lines += ["", "Goals against vanilla (ratio of seed means):"]
-    for ours in (name for name in results if name not in BASELINES):
+    for ours in (name for name in results if name.startswith("Group-DIR")):
         for column, limit, text in GOALS:
             ratio = metric(results[ours], column).mean() / metric(results["vanilla"], column).mean()
             lines.append(f"- {ours}: {text}: {'met' if ratio <= limit else 'NOT met'} ({ratio:.2f}x)")
     return "\n".join(lines) + "\n"
+
+
+def comparisons_of(names: list[str]) -> list[tuple[str, str]]:
+    """(method, baseline) pairs: every method against vanilla; each Group-DIR variant against every
+    baseline too, and two-stage Group-DIR against RnC + linear, its control on the same encoder."""
+    pairs = [(name, "vanilla") for name in names if name != "vanilla" and "vanilla" in names]
+    pairs += [(ours, theirs) for ours in names if ours.startswith("Group-DIR")
+              for theirs in BASELINES if theirs in names and theirs != "vanilla"]
+    return pairs
 
 
 def describe_route(run: dict) -> str:

@@ -16,25 +16,28 @@ __all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDa
 
 
 def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "train", rank: int = 0,
-              world_size: int = 1, device="cpu") -> tuple[np.ndarray, dict]:
+              world_size: int = 1, device="cpu", views: int = 1) -> tuple[np.ndarray, dict]:
     """(training labels, {split: loader}) for `cfg.data`: FFCV shards (a folder with meta.json, the
     default path) or a DIR data root read with torch's DataLoader (for small experiments). The
     `augmented` split gets the training augmentation and a shuffled order. Each of `world_size` ranks
     gets its slice and its share of the global `cfg.batch_size`. Every loader yields (normalised
-    float images on `device`, float64 labels, row numbers) and has `set_epoch(epoch)`."""
+    float images on `device`, float64 labels, row numbers) and has `set_epoch(epoch)`. The augmented
+    split yields each image `views` times, augmented anew each time (the two-view methods)."""
     batch_size = cfg.batch_size // world_size
     if is_shards_dir(cfg.data):
         from groupdir.data.ffcv_loader import ShardLoader
 
         loaders = {split: ShardLoader(cfg.data, split, cfg.image_size, batch_size, train=split == augmented,
                                       seed=cfg.seed, workers=max(1, cfg.loader_workers), rank=rank,
-                                      world_size=world_size, crop=cfg.crop, device=device)
+                                      world_size=world_size, crop=cfg.crop, device=device,
+                                      views=views if split == augmented else 1)
                    for split in splits}
         return shard_labels(cfg.data, "train"), loaders
     table = read_dir_table(cfg.data, cfg.dataset, cfg.csv)
     loaders = {split: make_loader(table.paths[split], table.labels[split], cfg.image_size, batch_size,
                                   train=split == augmented, workers=cfg.loader_workers, seed=cfg.seed,
-                                  crop=cfg.crop, rank=rank, world_size=world_size, device=device)
+                                  crop=cfg.crop, rank=rank, world_size=world_size, device=device,
+                                  views=views if split == augmented else 1)
                for split in splits}
     return table.labels["train"], loaders
 

@@ -4,7 +4,9 @@ FFCV's threads only decode and resize (to S x S: faces are square crops). The tr
 (pad-and-crop or random resized crop, flip) and the normalisation run on the whole batch on the
 training device (groupdir/data/augment.py), a few batched tensor ops, where FFCV's own per-image
 RandomTranslate and flip halved the loader's throughput on a 2-core CPU. Batches come out as float
-(B, 3, S, S) on that device, as the DataLoader path's do.
+(B, 3, S, S) on that device, as the DataLoader path's do. With `views` = V > 1 (the two-view
+contrastive methods) each decoded batch is augmented V times: (V*B, 3, S, S), sample i + kB the
+k-th view of image i, labels and rows repeated alike, at no second decode.
 
 One shard per split: FFCV's own `distributed=True` gives each rank its slice (the process group must
 exist first). K shards (K a multiple of the world size): each epoch the shards are dealt to the ranks
@@ -30,14 +32,14 @@ class ShardLoader:
 
     def __init__(self, shards_dir: str | Path, split: str, image_size: int, batch_size: int, train: bool,
                  seed: int = 0, workers: int = 2, rank: int = 0, world_size: int = 1, crop: str = "pad",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", views: int = 1):
         shards = read_meta(shards_dir)["shards"][split]
         self.files = [Path(shards_dir) / shard["file"] for shard in shards]
         rows = [shard["rows"] for shard in shards]
         check_shards_fit({"shards": {split: shards}}, world_size, batch_size * world_size)
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.seed, self.workers, self.rank, self.world_size = seed, workers, rank, world_size
-        self.crop, self.device = crop, torch.device(device)
+        self.crop, self.device, self.views = crop, torch.device(device), views
         self.epoch = 0
         self._loaders: dict[Path, object] = {}
         # Equal batch counts on every rank: each shard contributes as many batches as the smallest can.
@@ -74,8 +76,11 @@ class ShardLoader:
                     # FFCV reuses its output buffers for later batches: labels and rows are kept by
                     # callers (evaluation collects them), so they are copied; the images are new tensors.
                     images = images.to(self.device, non_blocking=True)
-                    images = augment(images, self.crop, draws) if self.train else normalize(images)
-                    yield images, labels.clone(), rows.clone()
+                    if not self.train:
+                        yield normalize(images), labels.clone(), rows.clone()
+                        continue
+                    views = [augment(images, self.crop, draws) for _ in range(self.views)]
+                    yield torch.cat(views), labels.repeat(self.views), rows.repeat(self.views)
             finally:
                 iterator.close()  # an abandoned FFCV iterator keeps its threads and buffers alive
 

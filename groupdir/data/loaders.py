@@ -5,7 +5,9 @@ or RandomResizedCrop(S) -> HorizontalFlip (crop="random_resized").
 Eval:  Resize(S, S). The workers' uint8 batches are moved to the training device and normalised
 there (Normalize(mean 0.5, std 0.5)), so both loaders deliver the same thing: float (B, 3, S, S)
 on the device. This path keeps torchvision's own per-image transforms, the reference the FFCV
-path's batched augmentation (groupdir/data/augment.py) is tested against.
+path's batched augmentation (groupdir/data/augment.py) is tested against. With `views` = V > 1 each
+image is decoded once and augmented V times; a batch is (V*B, 3, S, S), sample i + kB the k-th
+view of image i, labels and rows repeated alike.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from groupdir.data.augment import normalize, padding_for
 
 
 class DIRImageDataset(Dataset):
-    def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, train: bool, crop: str = "pad"):
+    def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, train: bool, crop: str = "pad",
+                 views: int = 1):
         self.paths = paths
         self.labels = torch.as_tensor(labels, dtype=torch.float64)  # exact, as in the CSV: bins and groups need it
-        self.image_size = image_size
+        self.image_size, self.views = image_size, views
         self.resize_first = not (train and crop == "random_resized")  # that crop resizes by itself
         if not train:
             self.augment = None
@@ -46,7 +49,7 @@ class DIRImageDataset(Dataset):
                 image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         if self.augment is not None:
-            pixels = self.augment(pixels)
+            pixels = torch.stack([self.augment(pixels) for _ in range(self.views)]) if self.views > 1 else self.augment(pixels)
         return pixels, self.labels[index], index
 
 
@@ -64,16 +67,20 @@ class DeviceBatches:
 
     def __iter__(self):
         for images, labels, rows in self.loader:
+            views = images.shape[1] if images.dim() == 5 else 1
+            if views > 1:  # (B, V, 3, S, S): view k of every image, then view k + 1
+                images = images.transpose(0, 1).flatten(0, 1)
+                labels, rows = labels.repeat(views), rows.repeat(views)
             yield normalize(images.to(self.device, non_blocking=True)), labels, rows
 
 
 def make_loader(paths, labels, image_size: int, batch_size: int, train: bool, workers: int = 0,
                 seed: int = 0, crop: str = "pad", rank: int = 0, world_size: int = 1,
-                device: torch.device | str = "cpu") -> DeviceBatches:
+                device: torch.device | str = "cpu", views: int = 1) -> DeviceBatches:
     """Each rank reads its slice; the order is drawn from (seed, epoch): call `set_epoch` before each
     pass, so a resumed run replays the same order. Eval slices are padded with repeated rows to
     equal length (the third item of a batch, the row index, lets evaluation drop them)."""
-    dataset = DIRImageDataset(paths, labels, image_size, train, crop)
+    dataset = DIRImageDataset(paths, labels, image_size, train, crop, views if train else 1)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
     return DeviceBatches(DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                     drop_last=train and len(dataset) // world_size > batch_size,

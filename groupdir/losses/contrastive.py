@@ -24,8 +24,9 @@ from groupdir.config import BACKENDS, PRECISIONS, SIMILARITIES
 
 def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float = 2.5,
                            similarity: str = "cosine", backend: str = "auto", precision: str = "ieee",
-                           num_groups: int | None = None) -> torch.Tensor:
-    """Scalar mean over the B(B-1) ordered pairs of Eq. 2; z (B, D) is L2-normalised here.
+                           num_groups: int | None = None, normalize: bool = True) -> torch.Tensor:
+    """Scalar mean over the B(B-1) ordered pairs of Eq. 2; z (B, D) is L2-normalised here unless
+    `normalize` is false (Rank-N-Contrast's -L2 on raw features; torch and naive backends only).
 
     For the Triton backend only (torch and naive ignore both):
     - `precision`: how the kernels feed their feature matmuls, accumulating in float32: ieee
@@ -53,7 +54,9 @@ def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: f
         raise ValueError(f"temperature={temperature} must be > 0")
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()  # accumulate in float32
-    if backend == "triton" or (backend == "auto" and z.is_cuda and triton_available()):
+    if not normalize and backend == "triton":
+        raise ValueError("the Triton kernels take L2-normalised features: use backend torch (or auto) with normalize=False")
+    if backend == "triton" or (backend == "auto" and normalize and z.is_cuda and triton_available()):
         # Triton's own switch: its interpreter runs the kernels on CPU tensors (for tests).
         if not z.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before the "
@@ -63,7 +66,7 @@ def group_contrastive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: f
         loss, _, _ = group_contrast(F.normalize(z, dim=1), groups - groups.min(), num_groups, temperature,
                                     similarity == "euclidean", precision)
         return loss
-    logits = pairwise_similarity(z, similarity) / temperature
+    logits = pairwise_similarity(z, similarity, normalize) / temperature
     groups = groups.long()
     distance = (groups[:, None] - groups[None, :]).abs()
     if backend == "naive":
@@ -75,15 +78,17 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def pairwise_similarity(z: torch.Tensor, similarity: str) -> torch.Tensor:
-    """(B, B) similarity of L2-normalised rows: cosine, or minus the euclidean distance."""
-    z = F.normalize(z, dim=1)
-    cosine = z @ z.T
+def pairwise_similarity(z: torch.Tensor, similarity: str, normalize: bool = True) -> torch.Tensor:
+    """(B, B) similarity of the rows: cosine, or minus the euclidean distance of the L2-normalised
+    rows (of the raw rows when `normalize` is false)."""
+    unit = F.normalize(z, dim=1)
     if similarity == "cosine":
-        return cosine
-    # ||a - b||^2 = 2 - 2 cos for unit vectors. Clamping keeps sqrt's gradient finite for identical
-    # rows; the diagonal (always excluded from the loss) is set to 1 for the same reason.
-    squared = (2 - 2 * cosine).clamp_min(1e-12)
+        return unit @ unit.T
+    rows = unit if normalize else z
+    # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b. Clamping keeps sqrt's gradient finite for identical rows;
+    # the diagonal (always excluded from the loss) is set to 1 for the same reason.
+    norms = (rows * rows).sum(1)
+    squared = (norms[:, None] + norms[None, :] - 2 * rows @ rows.T).clamp_min(1e-12)
     eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
     return -torch.where(eye, torch.ones_like(squared), squared).sqrt()
 

@@ -3,27 +3,29 @@ regressor per group, and optionally the group classifier re-trained after traini
 
 from __future__ import annotations
 
-from groupdir.distributed import global_batch
 from groupdir.losses import group_contrastive_loss, group_loss, regression_loss
+from groupdir.methods.base import Step, batch_scope
 
 
 class GroupDIR:
-    grouped = True
+    grouped, views, pretrains = True, 1, False
 
-    def loss_terms(self, cfg, output, labels, groups, weights, group_log_prior):
+    def state(self, cfg, feature_dim, train_labels):
+        return None
+
+    def loss_terms(self, cfg, step: Step):
         """Term by term, in float32 whatever the autocast precision of the forward pass."""
+        output, labels, groups, weights = step.output, step.labels, step.groups, step.weights
         experts = output.experts.float()
         # Training regresses every sample with its TRUE group's expert.
         reg = regression_loss(experts.gather(1, groups[:, None]).squeeze(1), labels, cfg.reg_loss, weights)
-        cls = group_loss(output.group_logits.float(), groups, cfg.group_loss, cfg.beta, group_log_prior)
+        cls = group_loss(output.group_logits.float(), groups, cfg.group_loss, cfg.beta, step.group_log_prior)
         if cfg.soft_reduction == "sum":  # the authors' code summed over its batch: B x the mean, B the global batch
             cls = cls * cfg.batch_size
         terms = {"reg": reg, "cls": cls}
         total = cfg.lambda_reg * reg + cfg.lambda_soft * cls
         if cfg.lambda_grc > 0:
-            features, contrast_groups = output.features.float(), groups
-            if cfg.contrast_scope == "global":
-                features, contrast_groups = global_batch(features, groups)
+            features, contrast_groups = batch_scope(cfg, output.features.float(), groups)
             terms["grc"] = group_contrastive_loss(features, contrast_groups, cfg.temperature, cfg.similarity,
                                                   cfg.loss_backend, cfg.loss_precision, cfg.num_groups)
             total = total + cfg.lambda_grc * terms["grc"]

@@ -1,16 +1,21 @@
 """Plain regression: one regressor on the encoder's features (the field's baseline; with
-`reweight` and `lds` it is the SQINV / LDS baselines)."""
+`reweight` and `lds` it is the SQINV / LDS baselines, with `fds` FDS, with `init_from` and
+`freeze_encoder` a linear probe of a pretrained encoder)."""
 
 from __future__ import annotations
 
 from groupdir.losses import regression_loss
+from groupdir.methods.base import Step
 
 
 class Vanilla:
-    grouped = False
+    grouped, views, pretrains = False, 1, False
 
-    def loss_terms(self, cfg, output, labels, groups, weights, group_log_prior):
-        reg = regression_loss(output.experts.float()[:, 0], labels, cfg.reg_loss, weights)
+    def state(self, cfg, feature_dim, train_labels):
+        return None
+
+    def loss_terms(self, cfg, step: Step):
+        reg = regression_loss(step.output.experts.float()[:, 0], step.labels, cfg.reg_loss, step.weights)
         return {"total": reg, "reg": reg}
 
     def after_training(self, net, plain_train_loader, grouping, group_log_prior, cfg, device) -> dict | None:

@@ -220,6 +220,26 @@ def test_random_resized_crop_in_both_loaders(tiny_synth, shards):
     assert next(iter(torch_loader))[0].shape == (50, 3, 16, 16)
 
 
+def test_two_views_augment_one_decoded_batch_twice_in_both_loaders(tiny_synth, shards):
+    """views=2: sample i + B is a second augmentation of image i (labels and rows repeated); the
+    first view is exactly what the one-view loader yields, so nothing is decoded twice."""
+    from groupdir.data.loaders import make_loader
+
+    single = next(iter(ShardLoader(shards, "train", 16, 25, train=True, seed=2, workers=1)))
+    images, labels, rows = next(iter(ShardLoader(shards, "train", 16, 25, train=True, seed=2, workers=1, views=2)))
+    assert images.shape == (50, 3, 16, 16)
+    assert torch.equal(images[:25], single[0]) and torch.equal(rows[:25], single[2])
+    assert torch.equal(labels[25:], labels[:25]) and torch.equal(rows[25:], rows[:25])
+    assert not torch.equal(images[25:], images[:25])  # augmented anew
+    table = read_dir_table(tiny_synth)
+    images, labels, rows = next(iter(make_loader(table.paths["train"], table.labels["train"], 16, 25, train=True,
+                                                 views=2)))
+    assert images.shape == (50, 3, 16, 16) and torch.equal(labels[25:], labels[:25])
+    assert torch.equal(rows[25:], rows[:25]) and not torch.equal(images[25:], images[:25])
+    val = make_loader(table.paths["val"], table.labels["val"], 16, 25, train=False, views=2)
+    assert next(iter(val))[0].shape[0] <= 25  # evaluation is never doubled
+
+
 def test_breaking_out_early_leaves_no_threads_behind(shards):
     import gc
     import threading

@@ -95,23 +95,19 @@ def training_steps() -> dict:
     Adam divides by the root of tiny second moments, which turns float32 rounding differences of
     1e-7 into visible ones within a few steps, whatever the backend."""
     from groupdir.config import load_config
-    from groupdir.model import DIRNet
-    from groupdir.methods import get_method
-    from groupdir.recipe import supervision, train_step
+    from groupdir.recipe import local_worker, train_step
 
     losses = {}
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        cfg = load_config(overrides={"loss_backend": backend, "num_groups": 4, "batch_size": 16})
-        net = DIRNet("resnet18", 4)
-        optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
+        cfg = load_config(overrides={"loss_backend": backend, "num_groups": 4, "batch_size": 16, "optimizer": "sgd",
+                                     "lr": 3e-3, "momentum": 0.0, "weight_decay": 0.0})
         generator = torch.Generator().manual_seed(1)
         labels = torch.randint(0, 40, (16,), generator=generator).double()
-        targets = supervision(cfg, labels.numpy())
+        worker = local_worker(cfg, labels.numpy())
         pixels = torch.randint(0, 255, (16, 3, 16, 16), generator=generator, dtype=torch.uint8)
         images = pixels.float() / 127.5 - 1.0  # as the loaders deliver them: Normalize(0.5, 0.5)
-        losses[backend] = [train_step(cfg, get_method(cfg.method), net, optimizer, images, labels, targets, torch.device("cpu"))
-                           for _ in range(5)]
+        losses[backend] = [train_step(worker, images, labels) for _ in range(5)]
     return losses
 
 

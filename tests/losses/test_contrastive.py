@@ -105,3 +105,43 @@ def test_float_groups_are_refused():
 def test_batch_of_one_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         group_contrastive_loss(torch.randn(1, 3), torch.tensor([0]))
+
+
+def rank_n_contrast_naive(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Rank-N-Contrast's loss as its paper and code write it (Zha et al. 2023, RnCLoss): -L2 on the raw
+    features, label distance |y_i - y_j|, a loop over the positives."""
+    logits = -(features[:, None, :] - features[None, :, :]).norm(2, dim=-1) / temperature
+    label_diffs = (labels[:, None] - labels[None, :]).abs()
+    n = len(features)
+    loss = features.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            if j == i:
+                continue
+            others = [k for k in range(n) if k != i and label_diffs[i, k] >= label_diffs[i, j]]
+            loss = loss - (logits[i, j] - torch.logsumexp(logits[i, others], 0)) / (n * (n - 1))
+    return loss
+
+
+def test_rank_n_contrast_is_eq2_on_label_bins_with_raw_l2():
+    """method=rnc computes RnC with the histogram loss: label bins for groups, -L2 on unnormalised
+    features; two views of 6 images with tied labels, values and gradients at float64."""
+    from groupdir.methods import Step, get_method
+    from groupdir.config import build
+    from groupdir.model import Output
+
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.tensor([21.0, 25.0, 25.0, 30.0, 42.0, 21.0], dtype=torch.float64).repeat(2)
+    features = (3 * torch.randn(12, 5, dtype=torch.float64, generator=generator)).requires_grad_(True)
+    naive = rank_n_contrast_naive(features, labels, temperature=2.0)
+    naive_grad, = torch.autograd.grad(naive, features)
+    cfg = build({"method": "rnc", "rnc_temperature": 2.0})
+    step = Step(Output(features, None, torch.zeros(12, 1)), labels, torch.zeros(12, dtype=torch.long), None, None, 0, None)
+    ours = get_method("rnc").loss_terms(cfg, step)["total"]
+    ours_grad, = torch.autograd.grad(ours, features)
+    torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours_grad, naive_grad, rtol=1e-8, atol=1e-10)
+    assert ours_grad.abs().sum() > 0
+    # Normalising first (the Triton kernels' input) is a different loss: RnC's is the raw one.
+    normalised = group_contrastive_loss(features, (labels / 1.0).long(), 2.0, "euclidean", "torch")
+    assert not torch.isclose(normalised, naive)
