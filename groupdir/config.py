@@ -114,7 +114,7 @@ class Config(BaseModel):
 
     # --- the field's baselines (docs/baselines.md; defaults from each original paper) ------------
     fds: bool = False
-    """Feature distribution smoothing (Yang et al. 2021) of the features the heads see in training; any method."""
+    """Feature distribution smoothing (Yang et al. 2021) of the features the heads see in training; any method but rnc."""
     fds_kernel: Kernel = "gaussian"
     """FDS smoothing kernel over label bins."""
     fds_ks: PositiveInt = 5
@@ -231,8 +231,11 @@ class Config(BaseModel):
                 raise ValueError(f"{key}={getattr(self, key)} must be an odd number >= 1")
         if self.freeze_encoder and not self.init_from:
             raise ValueError("freeze_encoder=true trains heads on a fixed encoder: give it one with init_from=RUN/checkpoint.pt")
-        if self.method == "rnc" and (self.freeze_encoder or self.fds):
-            raise ValueError("method=rnc trains the encoder alone: freeze_encoder and fds do not apply")
+        if self.method == "rnc" and (self.freeze_encoder or self.fds or self.reweight != "none"):
+            raise ValueError("method=rnc trains the encoder alone: freeze_encoder, fds and reweight do not apply")
+        if self.freeze_encoder and (self.method in ("ranksim", "conr") or (self.method == "groupdir" and self.lambda_grc > 0)):
+            raise ValueError(f"freeze_encoder=true fixes the features, so method={self.method}'s feature loss would "
+                             f"train nothing: use method=vanilla (a linear probe) or groupdir with lambda_grc=0")
         if self.method == "rnc" and self.loss_backend == "triton":
             raise ValueError("method=rnc uses -L2 on raw features, which the Triton kernels do not take "
                              "(they L2-normalise): use loss_backend=auto or torch")

@@ -2,8 +2,8 @@
 
 `global_batch` is what makes contrast_scope=global possible: every worker gathers all workers'
 features (with autograd: gradients flow back to the worker that produced them) and labels or groups,
-so a batch-defined loss (the O(B^2) contrastive losses, RankSim, Balanced MSE's BMC) sees the
-global batch. Its backward SUMS the gradient each worker computes
+so a batch-defined loss (the O(B^2) contrastive losses, RankSim, ConR) sees the global batch;
+`gather` collects a tensor without gradient (the labels Balanced MSE's BMC scores against). Its backward SUMS the gradient each worker computes
 for a piece (every worker computes the same global loss), so a worker's features receive
 world_size x dL/dz; DDP then averages parameter gradients over the workers, which makes the
 parameter gradient exactly that of the global loss.

@@ -28,6 +28,7 @@ from groupdir.config import Config, changed_settings
 from groupdir.data import train_labels
 from groupdir.data.shards import META, check_shards_fit, is_shards_dir, read_meta
 from groupdir.errors import ConfigError, TrainingError
+from groupdir.methods import build_model
 from groupdir.tracking import Tracker, check_reachable, provenance_tags, resolve_uri
 
 RUN_RECORD = "run.json"  # run folder: the MLflow run id, Ray's run name and the config, for resuming
@@ -137,6 +138,10 @@ def preflight(cfg: Config) -> str:
     recipe.supervision(cfg, labels)  # raises on more groups than labels, a bad LDS setting
     if cfg.init_from:
         checkpoint.encoder_weights(cfg.init_from, cfg.backbone)  # the file exists and fits this backbone
+    try:
+        build_model(cfg, labels)  # FDS's label bins and Balanced MSE's GMM come from the training labels
+    except ValueError as err:
+        raise ConfigError(f"method={cfg.method}{' fds=true' if cfg.fds else ''} on these training labels: {err}") from None
     if len(labels) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training rows: no full batch")
     if is_shards_dir(cfg.data):

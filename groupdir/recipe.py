@@ -36,6 +36,7 @@ from groupdir.errors import TrainingError
 from groupdir.evaluation import (TEST_ROUTES, Calibration, Outputs, calibrate, group_centroids, label_prior,
                                  predict, route_metrics, route_values)
 from groupdir.grouping import Grouping, make_grouping
+from groupdir.labels import label_bins
 from groupdir.losses import label_weights
 from groupdir.methods import Method, Step, build_model, get_method
 from groupdir.metrics import format_shot_table
@@ -232,11 +233,13 @@ def train_epoch(worker: Worker, epoch: int) -> tuple[dict[str, float], float]:
 def train_step(worker: Worker, images, labels) -> dict[str, float]:
     """One optimizer step of the method's loss; returns each term averaged over the workers."""
     targets, device = worker.targets, worker.device
+    # Groups, bins and weights from the exact (float64) labels: float32 moves 0.7 into bin 6 of 0.1.
     groups = torch.as_tensor(targets.grouping.assign(labels.numpy()), device=device)
+    bins = torch.as_tensor(label_bins(labels.numpy(), worker.cfg.label_bin_width), device=device)
     weights = torch.as_tensor(targets.weigh(labels.numpy()), device=device) if targets.weigh else None
-    labels = labels.to(device, torch.float32)
-    output = forward(worker.model, images, device, labels if worker.net.feature_smoothing is not None else None)
-    step = Step(output, labels, groups, weights, targets.group_log_prior.to(device), worker.state.step,
+    exact = labels.to(device)
+    output = forward(worker.model, images, device, exact if worker.net.feature_smoothing is not None else None)
+    step = Step(output, exact.float(), groups, bins, weights, targets.group_log_prior.to(device), worker.state.step,
                 worker.net.method_state)
     terms = worker.method.loss_terms(worker.cfg, step)
     values = mean_over_workers(torch.stack([term.detach() for term in terms.values()])).tolist()

@@ -92,6 +92,11 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert "needs more GPUs than the 0 here" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "s"), "num_groups=5", "batch_size=256"]) == 2
     assert "exceeds the 200 training rows" in capsys.readouterr().err
+    # FDS smooths over the training labels' bins: a kernel wider than them is refused before Ray.
+    assert main(["train", "--data", str(tmp_path / "s"), "method=vanilla", "fds=true", "fds_ks=999"]) == 2
+    assert "method=vanilla fds=true on these training labels: reflect padding needs" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "s"), "init_from=" + str(tmp_path / "none.pt")]) == 2
+    assert f"checkpoint {tmp_path / 'none.pt'} not found" in capsys.readouterr().err
     assert not ray.is_initialized()  # each was refused before training (Ray stopped or never started)
     assert not (tmp_path / "r").exists()  # ... and before anything was written: a corrected rerun just runs
 

@@ -209,7 +209,7 @@ def test_summed_group_loss_weighs_the_mean_by_the_global_batch():
     output = Output(torch.randn(8, 4, generator=generator), torch.randn(8, 5, generator=generator),
                     torch.randn(8, 5, generator=generator))
     labels, groups = torch.rand(8, generator=generator) * 50, torch.arange(8) % 5
-    step = Step(output, labels, groups, None, None, 0, None)
+    step = Step(output, labels, groups, bins=labels.long(), weights=None, group_log_prior=None, number=0, state=None)
     terms = {reduction: get_method("groupdir").loss_terms(
                  load_config(overrides={"soft_reduction": reduction, "batch_size": 128, "workers": 2,
                                         "lambda_soft": 0.5}), step)

@@ -108,7 +108,10 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
         common = {"data": data, "epochs": epochs, "seed": seed, "workers": 1, "cpus_per_worker": 1,
                   "experiment": EXPERIMENT, "tracking_uri": tracking_uri}
         if stage_one is not None:
-            stage_one.result()  # the pretraining of this seed has finished
+            try:
+                stage_one.result()  # the pretraining of this seed has finished
+            except Exception as err:
+                raise RuntimeError(f"{name}, seed {seed}: its {entry.pretrained} pretraining failed: {err}") from err
             common["init_from"] = str(out / "runs" / f"{slug(entry.pretrained)}-seed{seed}" / "checkpoint.pt")
         cfg = load_config(entry.config, {**entry.overrides, **common, **parse_overrides(overrides)})
         print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
@@ -188,10 +191,14 @@ def method_table(results: dict[str, list[dict]], data: str, epochs: int, overrid
     lines += ["", "Claims (a claim holds when the paired difference favours the method by more than two standard "
                   "errors):"] + verdicts
     if "vanilla" in results and len(results) > 1:
-        beat = [name for name in results if name != "vanilla"
-                and verdict(*paired(results[name], results["vanilla"], "mae/few")) == "holds"]
+        verdicts_few = {name: verdict(*paired(results[name], results["vanilla"], "mae/few"))
+                        for name in results if name != "vanilla"}
+        beat = [name for name, said in verdicts_few.items() if said == "holds"]
+        undecided = [name for name, said in verdicts_few.items() if said.startswith("cannot")]
         lines += ["", f"Beat vanilla on few-shot MAE (paired, by more than two standard errors): "
-                      f"{', '.join(beat) or 'none'}. The others do not."]
+                      f"{', '.join(beat) or 'none'}."
+                  + (f" Undecided: {', '.join(undecided)}." if undecided else "")
+                  + (" The others do not." if len(beat) + len(undecided) < len(verdicts_few) else "")]
     lines += ["", "Goals against vanilla (ratio of seed means):"]
     for ours in (name for name in results if name.startswith("Group-DIR")):
         for column, limit, text in GOALS:

@@ -84,7 +84,9 @@ def pairwise_similarity(z: torch.Tensor, similarity: str, normalize: bool = True
     unit = F.normalize(z, dim=1)
     if similarity == "cosine":
         return unit @ unit.T
-    rows = unit if normalize else z
+    # Raw rows are centred first: distances do not change, and |a|^2 + |b|^2 - 2 a.b below then
+    # cancels far less in float32 when the features' norms are large against their distances.
+    rows = unit if normalize else z - z.mean(0, keepdim=True).detach()
     # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b. Clamping keeps sqrt's gradient finite for identical rows;
     # the diagonal (always excluded from the loss) is set to 1 for the same reason.
     norms = (rows * rows).sum(1)

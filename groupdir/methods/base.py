@@ -18,6 +18,7 @@ class Step:
     output: Output
     labels: torch.Tensor                # float32 (B,) on the device
     groups: torch.Tensor                # the labels' group indices (B,)
+    bins: torch.Tensor                  # the labels' bins of width label_bin_width (B,), from the exact labels
     weights: torch.Tensor | None        # re-weighting (reweight / lds), None for none
     group_log_prior: torch.Tensor       # log prior of the classifier's targets (balanced losses add it)
     number: int                         # the optimizer step: batch-level draws alike on every worker
@@ -35,8 +36,3 @@ def step_generator(cfg, number: int) -> torch.Generator:
     """Draws for a step's batch-level sampling, the same on every worker (the global batch is too)."""
     state = np.random.SeedSequence([cfg.seed, number]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
-
-
-def label_bins(labels: torch.Tensor, bin_width: float) -> torch.Tensor:
-    """groupdir.labels.label_bins on a tensor: integer bins, the epsilon keeps 0.3 / 0.1 in bin 3."""
-    return torch.floor(labels.double() / bin_width + 1e-9).long()

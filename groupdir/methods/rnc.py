@@ -13,7 +13,7 @@ linear probe) or fine-tunes with any method."""
 from __future__ import annotations
 
 from groupdir.losses import group_contrastive_loss
-from groupdir.methods.base import Step, batch_scope, label_bins
+from groupdir.methods.base import Step, batch_scope
 
 
 class RankNContrast:
@@ -23,8 +23,7 @@ class RankNContrast:
         return None
 
     def loss_terms(self, cfg, step: Step):
-        features, labels = batch_scope(cfg, step.output.features, step.labels)
-        bins = label_bins(labels, cfg.label_bin_width)
+        features, bins = batch_scope(cfg, step.output.features, step.bins)
         loss = group_contrastive_loss(features, bins - bins.min(), cfg.rnc_temperature, "euclidean",
                                       "torch" if cfg.loss_backend == "auto" else cfg.loss_backend,
                                       normalize=False)

@@ -128,6 +128,7 @@ def test_rank_n_contrast_is_eq2_on_label_bins_with_raw_l2():
     features; two views of 6 images with tied labels, values and gradients at float64."""
     from groupdir.methods import Step, get_method
     from groupdir.config import build
+    from groupdir.labels import label_bins
     from groupdir.model import Output
 
     generator = torch.Generator().manual_seed(4)
@@ -136,7 +137,9 @@ def test_rank_n_contrast_is_eq2_on_label_bins_with_raw_l2():
     naive = rank_n_contrast_naive(features, labels, temperature=2.0)
     naive_grad, = torch.autograd.grad(naive, features)
     cfg = build({"method": "rnc", "rnc_temperature": 2.0})
-    step = Step(Output(features, None, torch.zeros(12, 1)), labels, torch.zeros(12, dtype=torch.long), None, None, 0, None)
+    step = Step(Output(features, None, torch.zeros(12, 1)), labels, groups=torch.zeros(12, dtype=torch.long),
+                bins=torch.as_tensor(label_bins(labels.numpy(), 1.0)), weights=None, group_log_prior=None, number=0,
+                state=None)
     ours = get_method("rnc").loss_terms(cfg, step)["total"]
     ours_grad, = torch.autograd.grad(ours, features)
     torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-12)

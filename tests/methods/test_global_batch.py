@@ -10,6 +10,7 @@ import torch
 from groupdir.config import build
 from groupdir.distributed import mean_over_workers, sum_over_workers, world
 from groupdir.grouping import make_grouping
+from groupdir.labels import label_bins
 from groupdir.methods import Step, get_method
 from groupdir.model import Output
 from helpers import on_gloo_ranks
@@ -81,7 +82,8 @@ def one_step(case: str, rows: slice) -> dict:
         mine = labels[rows]
         output = model(inputs[rows], mine)
         groups = torch.as_tensor(grouping.assign(mine.numpy()))
-        step = Step(output, mine, groups, None, log_prior, number, net.method_state)
+        bins = torch.as_tensor(label_bins(mine.numpy(), cfg.label_bin_width))
+        step = Step(output, mine, groups, bins, None, log_prior, number, net.method_state)
         terms = get_method(cfg.method).loss_terms(cfg, step)
         terms["total"].backward()
         if net.feature_smoothing is not None and number == 0:
