@@ -127,6 +127,8 @@ def add_bench_commands(commands) -> None:
     method.add_argument("--concurrent", type=int, default=2, help="runs at once, one Ray worker and CPU each")
     method.add_argument("--methods", nargs="+", metavar="NAME", help="a subset, by name (default: all; vanilla "
                         "always), e.g. --methods vanilla 'Group-DIR (calibrated)'")
+    method.add_argument("--shots", type=int, nargs=2, metavar=("MANY", "FEW"), help="shot thresholds of the table "
+                        "(default: the field's 100 and 20 training samples per age); finished runs are re-scored")
     method.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     scaling = bench_kinds.add_parser("train", help="training images/s per Ray worker for 1, 2, ... workers")
     scaling.add_argument("--out", default="bench/train")
@@ -286,7 +288,7 @@ def cmd_bench(args) -> int:
     elif args.kind == "method":
         bench.bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
                            concurrent=args.concurrent, overrides=args.overrides, tracking_uri=tracking_uri,
-                           methods=args.methods, data=args.data)
+                           methods=args.methods, data=args.data, shots=tuple(args.shots) if args.shots else None)
     elif args.kind == "loss":
         bench.bench_loss(Path(args.out), batch_sizes=args.batch_sizes, dims=args.dims, repeats=args.repeats,
                          naive_max=args.naive_max)

@@ -278,15 +278,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DI
 
 
 def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_size: int | None = None,
-                        device: str | None = None) -> dict:
+                        device: str | None = None, shots: tuple[int, int] | None = None) -> dict:
     """`groupdir eval`: the checkpoint's model on a split of a data root, every route, with the
-    calibration chosen on validation when it was trained; one process."""
+    calibration chosen on validation when it was trained; one process. `shots`: other (many, few)
+    thresholds of the shot metrics than the run's."""
     from groupdir.config import build
     from groupdir.data import open_data
 
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, saved = load_model(path, target_device)
-    cfg = build({**saved["config"], "data": str(data), **({"batch_size": batch_size} if batch_size else {})})
+    cfg = build({**saved["config"], "data": str(data), **({"batch_size": batch_size} if batch_size else {}),
+                 **({"many_shot": shots[0], "few_shot": shots[1]} if shots else {})})
     outputs = predict(model, open_data(cfg, [split], augmented=None, device=target_device)[1][split], target_device)
     return route_metrics(outputs, Grouping(tuple(saved["group_edges"])), saved["train_labels"].numpy(), cfg,
                          Calibration.from_dict(saved["calibration"]))

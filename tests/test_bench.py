@@ -7,6 +7,7 @@ import numpy as np
 
 from groupdir.bench.method import METHODS, bench_method, method_table, paired, slug, verdict
 from groupdir.errors import ConfigError
+from groupdir.evaluation import evaluate_checkpoint
 
 
 @pytest.mark.slow
@@ -45,6 +46,18 @@ def test_bench_method_pairs_seeds_and_gives_a_verdict_per_claim(tiny_synth, tmp_
     bench_method(tmp_path, seeds=2, epochs=1, overrides=tiny, tracking_uri=tracking, methods=methods,
                  data=str(tiny_synth))
     assert before == {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
+    # Other shot thresholds re-score the finished runs' checkpoints on test: same overall error.
+    first = json.loads((tmp_path / "method.json").read_text())
+    table = bench_method(tmp_path, seeds=2, epochs=1, overrides=tiny, tracking_uri=tracking, methods=methods,
+                         data=str(tiny_synth), shots=(8, 4))
+    assert "shots re-scored: many > 8, few < 4 training samples per age" in table
+    assert before == {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
+    rescored = json.loads((tmp_path / "method.json").read_text())
+    again = evaluate_checkpoint(tmp_path / "runs" / "vanilla-seed1" / "checkpoint.pt", str(tiny_synth), "test",
+                                device="cpu", shots=(8, 4))
+    assert rescored["vanilla"][1]["predicted"] == again["predicted"]
+    assert rescored["vanilla"][1]["predicted"]["mae/all"] == pytest.approx(first["vanilla"][1]["predicted"]["mae/all"])
+    assert rescored["vanilla"][1]["predicted"]["n/many"] != first["vanilla"][1]["predicted"]["n/many"]
     with pytest.raises(FileExistsError, match="other settings"):
         bench_method(tmp_path, seeds=2, epochs=2, overrides=tiny, tracking_uri=tracking, methods=methods,
                      data=str(tiny_synth))

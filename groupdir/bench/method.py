@@ -72,10 +72,15 @@ GOALS = (("mae/few", 0.85, "few-shot MAE at most 0.85x vanilla's"),
 
 def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int = 3, concurrent: int = 2,
                  overrides: list[str] | None = None, tracking_uri: str = "", methods: list[str] | None = None,
-                 data: str = "") -> str:
+                 data: str = "", shots: tuple[int, int] | None = None) -> str:
     """Every method (or `methods`) for seeds 0 .. seeds-1 on the same data: `data` (shards or a DIR
     data root), else the demo's synthetic set of `train_size` training faces; the table with paired
-    differences and verdicts goes to out/method.md. Finished runs are kept: a rerun resumes."""
+    differences and verdicts goes to out/method.md. Finished runs are kept: a rerun resumes.
+
+    `shots` (many, few): the table's shot thresholds instead of the field's 100 / 20 training
+    samples per label, which leave a small training set without many-shot ages. Each run's
+    checkpoint is evaluated on test again with them: the same model, route and calibration (chosen
+    on validation by a metric over all ages, which shots do not change), other shot metrics."""
     from groupdir.checkpoint import RESULTS
     from groupdir.driver import ray_session, train
     from groupdir.tracking import Tracker, check_reachable, resolve_uri
@@ -124,6 +129,8 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
     tracking_uri = resolve_uri(tracking_uri)
     check_reachable(tracking_uri)
     Tracker(tracking_uri).experiment_id(EXPERIMENT)
+    if shots and not load_config(None, parse_overrides(overrides)).select_metric.endswith("/all"):
+        raise ConfigError("--shots re-scores finished runs: their select_metric must not depend on shots (use */all)")
     jobs = [(name, seed) for seed in range(seeds) for name in methods]
     with ray_session(num_cpus=concurrent), ThreadPoolExecutor(concurrent) as pool:
         # Pretrainings are queued first: a run waiting for one never holds up the one it waits for.
@@ -136,13 +143,23 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
         except BaseException:  # a failed run or Ctrl-C: the runs not started yet never start
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    if shots:
+        finished = {(name, seed): rescored(out / "runs" / f"{slug(name)}-seed{seed}", data, shots, run)
+                    for (name, seed), run in finished.items()}
     results = {name: [finished[name, seed] for seed in range(seeds)] for name in methods}
     minutes = (time.perf_counter() - started) / 60
-    table = method_table(results, settings["data"], epochs, overrides, minutes)
+    table = method_table(results, settings["data"], epochs, overrides, minutes, shots)
     write_text_atomic(out / "method.md", table)
     write_json_atomic(out / "method.json", results)
     print(table)
     return table
+
+
+def rescored(run_dir: Path, data: str, shots: tuple[int, int], results: dict) -> dict:
+    """A finished run's results with its test metrics evaluated again at other shot thresholds."""
+    from groupdir.evaluation import evaluate_checkpoint
+
+    return {**results, **evaluate_checkpoint(run_dir / "checkpoint.pt", data, "test", device="cpu", shots=shots)}
 
 
 def described(entry: Entry) -> dict:
@@ -154,11 +171,13 @@ def described(entry: Entry) -> dict:
 # ======================================== tables ===========================================
 
 def method_table(results: dict[str, list[dict]], data: str, epochs: int, overrides: list[str],
-                 minutes: float) -> str:
+                 minutes: float, shots: tuple[int, int] | None = None) -> str:
     seeds = len(next(iter(results.values())))
     lines = [f"Data: {data}; {epochs} epochs, seeds 0-{seeds - 1} paired "
              f"across methods" + (f"; overrides: {' '.join(overrides)}" if overrides else "")
-             + f"; wall time {minutes:.1f} min.",
+             + f"; this call's wall time {minutes:.1f} min"
+             + (f"; shots re-scored: many > {shots[0]}, few < {shots[1]} training samples per age" if shots else "")
+             + ".",
              "Test split, each method's headline route (chosen on validation for the calibrated variants), "
              "mean +- std over seeds:", "",
              *markdown_table(["method", "route", *SHOT_COLUMNS, "bmae/all"],
