@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from groupdir.distributed import gather, world
 from groupdir.losses.balanced_mse import bmc_loss, fit_gmm, gai_loss
-from groupdir.methods.base import Step
+from groupdir.methods.base import Defaults, Step
 
 
 class NoiseScale(nn.Module):
@@ -27,9 +27,7 @@ class NoiseScale(nn.Module):
         return {name: getattr(self, f"gmm_{name}") for name in ("means", "variances", "weights")}
 
 
-class BalancedMSE:
-    grouped, views, pretrains = False, 1, False
-
+class BalancedMSE(Defaults):
     def state(self, cfg, feature_dim, train_labels):
         gmm = fit_gmm(train_labels, cfg.gmm_components) if cfg.balanced_mse == "gai" else None
         return NoiseScale(cfg.noise_sigma, cfg.noise_sigma_lr, gmm)
@@ -47,6 +45,3 @@ class BalancedMSE:
         else:
             loss = bmc_loss(pred, step.labels, noise_var)
         return {"total": loss, "balanced_mse": loss, "noise_sigma": step.state.sigma.detach().abs()}
-
-    def after_training(self, net, plain_train_loader, grouping, group_log_prior, cfg, device) -> dict | None:
-        return None

@@ -25,6 +25,18 @@ class Step:
     state: torch.nn.Module | None       # the method's own parameters or statistics (DIRNet.method_state)
 
 
+class Defaults:
+    """What most methods share: one regressor, one view per image, no state of their own, nothing
+    after training. A method overrides only what it does differently."""
+    grouped, views, pretrains = False, 1, False
+
+    def state(self, cfg, feature_dim, train_labels):
+        return None
+
+    def after_training(self, net, plain_train_loader, grouping, group_log_prior, cfg, device) -> dict | None:
+        return None
+
+
 def batch_scope(cfg, features: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The batch a batch-defined loss sees: every worker's (contrast_scope=global) or this worker's."""
     if cfg.contrast_scope == "global":

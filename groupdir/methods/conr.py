@@ -9,14 +9,11 @@ import torch
 
 from groupdir.losses import regression_loss
 from groupdir.losses.conr import conr_loss
-from groupdir.methods.base import Step, batch_scope
+from groupdir.methods.base import Defaults, Step, batch_scope
 
 
-class ConR:
-    grouped, views, pretrains = False, 2, False
-
-    def state(self, cfg, feature_dim, train_labels):
-        return None
+class ConR(Defaults):
+    views = 2
 
     def loss_terms(self, cfg, step: Step):
         pred = step.output.experts[:, 0]
@@ -27,6 +24,3 @@ class ConR:
         contrast = conr_loss(features, labels, preds, weights, cfg.conr_threshold, cfg.conr_temperature,
                              cfg.conr_pushing_power)
         return {"total": reg + cfg.conr_weight * contrast, "reg": reg, "conr": contrast}
-
-    def after_training(self, net, plain_train_loader, grouping, group_log_prior, cfg, device) -> dict | None:
-        return None

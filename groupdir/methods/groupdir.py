@@ -4,14 +4,11 @@ regressor per group, and optionally the group classifier re-trained after traini
 from __future__ import annotations
 
 from groupdir.losses import group_contrastive_loss, group_loss, regression_loss
-from groupdir.methods.base import Step, batch_scope
+from groupdir.methods.base import Defaults, Step, batch_scope
 
 
-class GroupDIR:
-    grouped, views, pretrains = True, 1, False
-
-    def state(self, cfg, feature_dim, train_labels):
-        return None
+class GroupDIR(Defaults):
+    grouped = True
 
     def loss_terms(self, cfg, step: Step):
         """Term by term, in float32 whatever the autocast precision of the forward pass."""

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 from groupdir.losses import regression_loss
 from groupdir.losses.ranksim import ranksim_loss
-from groupdir.methods.base import Step, batch_scope, step_generator
+from groupdir.methods.base import Defaults, Step, batch_scope, step_generator
 
 
-class RankSim:
-    grouped, views, pretrains = False, 1, False
-
-    def state(self, cfg, feature_dim, train_labels):
-        return None
-
+class RankSim(Defaults):
     def loss_terms(self, cfg, step: Step):
         reg = regression_loss(step.output.experts[:, 0], step.labels, cfg.reg_loss, step.weights)
         features, labels = batch_scope(cfg, step.output.features, step.labels)
         # Its one-sample-per-label subset is drawn from (seed, step): every worker keeps the same rows.
         ranking = ranksim_loss(features, labels, cfg.ranksim_interpolation, step_generator(cfg, step.number))
         return {"total": reg + cfg.ranksim_weight * ranking, "reg": reg, "ranksim": ranking}
-
-    def after_training(self, net, plain_train_loader, grouping, group_log_prior, cfg, device) -> dict | None:
-        return None

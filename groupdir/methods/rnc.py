@@ -13,14 +13,11 @@ linear probe) or fine-tunes with any method."""
 from __future__ import annotations
 
 from groupdir.losses import group_contrastive_loss
-from groupdir.methods.base import Step, batch_scope
+from groupdir.methods.base import Defaults, Step, batch_scope
 
 
-class RankNContrast:
-    grouped, views, pretrains = False, 2, True
-
-    def state(self, cfg, feature_dim, train_labels):
-        return None
+class RankNContrast(Defaults):
+    views, pretrains = 2, True
 
     def loss_terms(self, cfg, step: Step):
         features, bins = batch_scope(cfg, step.output.features, step.bins)
@@ -28,6 +25,3 @@ class RankNContrast:
                                       "torch" if cfg.loss_backend == "auto" else cfg.loss_backend,
                                       normalize=False)
         return {"total": loss, "rnc": loss}
-
-    def after_training(self, net, plain_train_loader, grouping, group_log_prior, cfg, device) -> dict | None:
-        return None

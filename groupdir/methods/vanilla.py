@@ -5,18 +5,10 @@
 from __future__ import annotations
 
 from groupdir.losses import regression_loss
-from groupdir.methods.base import Step
+from groupdir.methods.base import Defaults, Step
 
 
-class Vanilla:
-    grouped, views, pretrains = False, 1, False
-
-    def state(self, cfg, feature_dim, train_labels):
-        return None
-
+class Vanilla(Defaults):
     def loss_terms(self, cfg, step: Step):
         reg = regression_loss(step.output.experts.float()[:, 0], step.labels, cfg.reg_loss, step.weights)
         return {"total": reg, "reg": reg}
-
-    def after_training(self, net, plain_train_loader, grouping, group_log_prior, cfg, device) -> dict | None:
-        return None
