@@ -46,6 +46,20 @@ def write_json_atomic(path: Path, payload) -> None:
     write_text_atomic(path, json.dumps(_nan_to_none(payload), indent=2, allow_nan=False))
 
 
+def read_json(path: Path):
+    """What write_json_atomic wrote, its nulls read back as NaN (results and histories hold no other
+    null)."""
+    return _none_to_nan(json.loads(Path(path).read_text()))
+
+
+def _none_to_nan(value):
+    if isinstance(value, dict):
+        return {k: _none_to_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_none_to_nan(v) for v in value]
+    return math.nan if value is None else value
+
+
 def _nan_to_none(value):
     if isinstance(value, dict):
         return {k: _nan_to_none(v) for k, v in value.items()}

@@ -4,7 +4,8 @@ Every epoch ends with a Ray checkpoint (a folder) holding
 - `train_state.pt`: the model, optimizer, epoch, step, history and best score, to go on after a crash;
 - `checkpoint.pt`: the best-on-validation model with its calibration, config and group edges: the
   file `groupdir eval` and `load_model` read, copied to the run folder at the end;
-- `history.json`, and at the end `results.json` (the test evaluation);
+- `history.json`, and at the end `results.json` (the test evaluation), the test plots (`plots/`)
+  and the per-step metrics rank 0 could not send to MLflow (`unsent_steps.json`);
 - or only `stopped.json`: the run stopped for good (a NaN loss), with the reason.
 """
 
@@ -28,6 +29,8 @@ STATE = "train_state.pt"
 HISTORY = "history.json"
 RESULTS = "results.json"
 STOPPED = "stopped.json"
+PLOTS = "plots"
+UNSENT_STEPS = "unsent_steps.json"
 
 
 @dataclasses.dataclass
@@ -53,8 +56,9 @@ def best_model_file(state: TrainState, cfg, edges, train_labels) -> dict[str, An
             "epoch": state.best_epoch, "val": state.best_val, "version": __version__}
 
 
-def write(folder: Path, state: TrainState, net=None, optimizer=None, best: dict | None = None) -> None:
-    """The checkpoint folder of `state` (see the module docstring)."""
+def write(folder: Path, state: TrainState, net=None, optimizer=None, best: dict | None = None,
+          files: dict[str, bytes] | None = None) -> None:
+    """The checkpoint folder of `state` (see the module docstring), with `files` (path: bytes)."""
     if state.stopped:
         (folder / STOPPED).write_text(json.dumps({"message": state.stopped}))
         return
@@ -65,6 +69,9 @@ def write(folder: Path, state: TrainState, net=None, optimizer=None, best: dict 
     (folder / HISTORY).write_text(json.dumps(state.history))
     if state.results is not None:
         (folder / RESULTS).write_text(json.dumps(state.results))
+    for path, content in (files or {}).items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(content)
 
 
 def restore(folder: Path, net, optimizer) -> TrainState:

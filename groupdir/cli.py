@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groupdir", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_data_commands, add_training_commands, add_tune_command, add_bench_commands):
+    for add in (add_data_commands, add_training_commands, add_tune_command, add_bench_commands, add_server_command):
         add(commands)
     return parser
 
@@ -153,6 +153,17 @@ def add_bench_commands(commands) -> None:
     ceiling.add_argument("--loader-workers", type=int, default=8)
     ceiling.add_argument("--images", type=int, default=3000, help="synthetic training images")
     ceiling.add_argument("--source-size", type=int, default=256, help="side of the synthetic JPEGs")
+
+
+def add_server_command(commands) -> None:
+    server = commands.add_parser("mlflow-server", help="run the MLflow tracking server a team shares (sqlite "
+                                                        "backend, proxied artifacts) until Ctrl-C")
+    server.add_argument("--store", default="mlflow-server", help="folder for its mlflow.db and artifacts/ "
+                                                                  "(default ./mlflow-server)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine "
+                                                            "only; 0.0.0.0 for a cluster's nodes, docs/distributed.md)")
+    server.add_argument("--workers", type=int, default=2, help="web server processes (default 2)")
 
 
 def cmd_synth(args) -> int:
@@ -303,8 +314,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_mlflow_server(args) -> int:
+    from groupdir.server import MlflowServer, answers, server_uri
+
+    if answers(server_uri(args.host, args.port)):
+        raise GroupdirError(f"something already answers on {server_uri(args.host, args.port)}; pick another --port")
+    server = MlflowServer(args.store, args.host, args.port, args.workers)
+    server.start()
+    print(f"MLflow tracking server on {server.uri} (store {server.store}, its log {server.store / 'server.log'})\n"
+          f"  runs:   MLFLOW_TRACKING_URI={server.uri} groupdir train ...   (or tracking_uri={server.uri})\n"
+          f"  UI:     open {server.uri} in a browser\n"
+          f"Ctrl-C stops it.", flush=True)
+    try:
+        code = server.process.wait()
+        print(f"groupdir mlflow-server: the server exited with code {code}; see {server.store / 'server.log'}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
-            "tune": cmd_tune, "bench": cmd_bench, "config": cmd_config}
+            "tune": cmd_tune, "bench": cmd_bench, "config": cmd_config, "mlflow-server": cmd_mlflow_server}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -211,6 +211,10 @@ class Config(BaseModel):
     """MLflow store; "" = $MLFLOW_TRACKING_URI (read by the CLI), else sqlite:///mlflow.db here."""
     experiment: str = "groupdir"
     """MLflow experiment name."""
+    log_every: NonNegativeInt = 20
+    """Rank 0 logs the loss terms, learning rate and images/s every this many optimizer steps (0: per epoch only)."""
+    tracking_patience: NonNegative = 600
+    """Seconds a finished run keeps retrying an unreachable MLflow server before leaving its results to a rerun."""
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -258,8 +262,8 @@ class Config(BaseModel):
 
 
 KEYS = tuple(Config.model_fields)
-# Keys a resumed run or sweep may change: where Ray runs and how many crashes it survives.
-RESUME_MAY_CHANGE = ("address", "max_failures")
+# Keys a resumed run or sweep may change: where Ray runs, how many crashes it survives, how it logs.
+RESUME_MAY_CHANGE = ("address", "max_failures", "log_every", "tracking_patience")
 
 
 def changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

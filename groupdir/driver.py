@@ -5,7 +5,10 @@
     run folder  a finished run is kept, an unfinished one with the same config is resumed
     trainer     a TorchTrainer runs recipe.train_worker on `workers` DDP ranks
     result      the final checkpoint's best model and results go to the run folder:
-                checkpoint.pt (best on validation), history.json, results.json (last: "finished")
+                checkpoint.pt (best on validation), history.json, plots/, results.json ("finished")
+    publish     what MLflow does not hold yet goes to it from the run folder, and the run ends
+                FINISHED; a tracking server that is away is waited for (tracking_patience), and a
+                rerun of the same command sends it later
 
 Fault tolerance: every epoch ends with a checkpoint; a failed worker makes Ray restart all workers
 from the latest one, and the loaders replay that epoch's order. Rerunning the same command on the
@@ -18,31 +21,35 @@ import contextlib
 import json
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from groupdir import checkpoint, recipe
-from groupdir.atomic import copy_file_atomic, write_json_atomic
+from groupdir.atomic import copy_file_atomic, read_json, write_json_atomic
 from groupdir.config import Config, changed_settings
 from groupdir.data import train_labels
 from groupdir.data.shards import META, check_shards_fit, is_shards_dir, read_meta
 from groupdir.errors import ConfigError, TrainingError
 from groupdir.methods import build_model
-from groupdir.tracking import Tracker, check_reachable, provenance_tags, resolve_uri
+from groupdir.tracking import Tracker, check_reachable, provenance_tags, publish_run, resolve_uri, server_unreachable
 
 RUN_RECORD = "run.json"  # run folder: the MLflow run id, Ray's run name and the config, for resuming
 WorkerLoop = Callable[[recipe.Job], None]
 
 
-def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool = False,
+def train(cfg: Config, run_dir: str | Path, progress: str = "lines", force: bool = False,
           worker_loop: WorkerLoop = recipe.train_worker) -> dict:
     """Train on Ray (embedded or `cfg.address`), track in MLflow, write the run folder; returns the
-    test results. `worker_loop`: what each worker runs (tests wrap the recipe to inject failures)."""
+    test results. progress: bar | lines | off (recipe.Job). `worker_loop`: what each worker runs
+    (tests wrap the recipe to inject failures)."""
     run_dir = Path(run_dir).resolve()
     cfg = resolve_paths(cfg)
     dataset = preflight(cfg)
     check_reachable(cfg.tracking_uri)
+    if not force and (run_dir / checkpoint.RESULTS).exists():
+        return send_finished_run(cfg, run_dir)
     if cfg.address and cfg.tracking_uri.startswith("sqlite:"):
         print(f"note: on a multi-node cluster every node must see {cfg.tracking_uri} at that path; "
               f"otherwise run an MLflow server (docs/distributed.md: Run on a cluster)", flush=True)
@@ -64,7 +71,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True, force: bool =
 
 
 def train_run(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, run_id: str,
-              progress: bool, callbacks: tuple = (), mark_failures: bool = True,
+              progress: str, callbacks: tuple = (), mark_failures: bool = True,
               worker_loop: WorkerLoop = recipe.train_worker) -> dict:
     """One training run to its end, in a connected Ray session: the TorchTrainer, then the run folder
     and the MLflow run's status. Shared by `train` and every sweep trial; returns the test results.
@@ -80,13 +87,46 @@ def train_run(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name:
             tracker.finish_run(run_id, "KILLED" if interrupted else "FAILED",
                                error="" if interrupted else f"{type(err).__name__}: {err}")
         raise
-    tracker.log_artifact(run_id, run_dir / checkpoint.CHECKPOINT)
-    if is_shards_dir(cfg.data):
-        tracker.log_artifact(run_id, Path(cfg.data) / META)
     write_json_atomic(run_dir / checkpoint.HISTORY, final["history"])
-    tracker.finish_run(run_id, "FINISHED")
     write_json_atomic(run_dir / checkpoint.RESULTS, final["results"])  # last: its presence means "finished"
+    publish(cfg, run_id, run_dir)
     return final["results"]
+
+
+def publish(cfg: Config, run_id: str, run_dir: Path) -> bool:
+    """The finished run folder to MLflow (tracking.publish_run), waiting up to tracking_patience
+    seconds for a server that does not answer; False if it never did (the run folder is complete,
+    and rerunning the command sends it)."""
+    extra = (Path(cfg.data) / META,) if is_shards_dir(cfg.data) else ()
+    deadline, said = time.monotonic() + cfg.tracking_patience, False
+    while True:
+        try:
+            publish_run(Tracker(cfg.tracking_uri), run_id, run_dir, cfg.to_dict(), extra)
+            return True
+        except Exception as err:
+            if not server_unreachable(err):
+                raise
+            if time.monotonic() >= deadline:
+                print(f"warning: MLflow at {cfg.tracking_uri} does not answer; the run is complete in {run_dir}. "
+                      f"Rerun the same command when the server is back to send it to MLflow.", flush=True)
+                return False
+            if not said:
+                print(f"MLflow at {cfg.tracking_uri} does not answer; the results are in {run_dir}; trying to "
+                      f"send them for up to {cfg.tracking_patience:g} s", flush=True)
+                said = True
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+
+def send_finished_run(cfg: Config, run_dir: Path) -> dict:
+    """A finished run folder named again: if its MLflow run was left unfinished (the server was away
+    at the end), send it now; otherwise refuse (pick another --out, or --force)."""
+    record = json.loads((run_dir / RUN_RECORD).read_text())
+    if Tracker(cfg.tracking_uri).run(record["mlflow_run_id"]).info.status == "FINISHED":
+        raise FileExistsError(f"{run_dir} already holds a finished run; pick another --out or pass --force")
+    print(f"{run_dir} holds a finished run that MLflow does not have whole; sending it", flush=True)
+    if not publish(cfg, record["mlflow_run_id"], run_dir):
+        raise TrainingError(f"MLflow at {cfg.tracking_uri} still does not answer; {run_dir} is complete")
+    return read_json(run_dir / checkpoint.RESULTS)
 
 
 def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, job: recipe.Job,
@@ -117,6 +157,10 @@ def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_nam
         if (folder / checkpoint.STOPPED).exists():
             raise TrainingError(json.loads((folder / checkpoint.STOPPED).read_text())["message"])
         copy_file_atomic(folder / checkpoint.CHECKPOINT, run_dir / checkpoint.CHECKPOINT)
+        for path in [folder / checkpoint.UNSENT_STEPS, *sorted((folder / checkpoint.PLOTS).glob("*.png"))]:
+            if path.exists():
+                (run_dir / path.relative_to(folder)).parent.mkdir(exist_ok=True)
+                copy_file_atomic(path, run_dir / path.relative_to(folder))
         return {"results": json.loads((folder / checkpoint.RESULTS).read_text()),
                 "history": json.loads((folder / checkpoint.HISTORY).read_text())}
 
@@ -152,15 +196,14 @@ def preflight(cfg: Config) -> str:
 
 
 def claim_run_dir(run_dir: Path, cfg: Config, force: bool) -> dict | None:
-    """A finished run is kept unless `force`; an unfinished one with the same config is resumed.
+    """A run is started over when `force`; an unfinished one with the same config is resumed.
     Returns the run record to resume from, or None for a fresh run."""
     record_file = run_dir / RUN_RECORD
     if force:
-        for name in (checkpoint.CHECKPOINT, checkpoint.RESULTS, checkpoint.HISTORY, RUN_RECORD):
+        for name in (checkpoint.CHECKPOINT, checkpoint.RESULTS, checkpoint.HISTORY, checkpoint.UNSENT_STEPS, RUN_RECORD):
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "ray", ignore_errors=True)
-    elif (run_dir / checkpoint.RESULTS).exists():
-        raise FileExistsError(f"{run_dir} already holds a finished run; pick another --out or pass --force")
+        for folder in ("ray", checkpoint.PLOTS):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not record_file.exists():
         return None
@@ -181,7 +224,12 @@ def ray_session(address: str = "", num_cpus: int | None = None):
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.WARNING)
+    # The console shows groupdir's lines and Ray's errors only; Ray's own logs stay in its session
+    # folder (/tmp/ray/session_latest/logs). On one machine nothing can be preempted, and Ray Train's
+    # preemption watcher only adds an internal error line to the console (its actor's arguments in
+    # the object store); on a cluster it stays on.
+    local = {} if address else {"runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}}
+    ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.ERROR, **local)
     try:
         yield
     finally:

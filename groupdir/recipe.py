@@ -1,10 +1,12 @@
 """The training recipe: what every Ray Train worker runs, readable top to bottom.
 
     setup     data -> groups -> model -> optimizer, and the state of a restarted run
-    train     epochs of the method's loss; after each: validate, choose the routes' calibration on
-              validation, keep the best model, report a checkpoint to Ray (rank 0 logs to MLflow)
+    train     epochs of the method's loss (rank 0 logs every log_every steps); after each epoch:
+              validate, choose the routes' calibration on validation, keep the best model, report a
+              checkpoint to Ray, log the epoch
     finish    the method's after-training step (e.g. re-train the classifier), then one test
-              evaluation of the best-on-validation model, reported with the final checkpoint
+              evaluation of the best-on-validation model, reported with the final checkpoint and
+              its plots (the driver sends those to MLflow)
 
 One process is the same code with world size 1. The method (groupdir/methods/) supplies the heads,
 its own state, how many views of each image a batch holds, the loss terms and the after-training
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import json
 import logging
 import math
 import random
@@ -39,7 +43,6 @@ from groupdir.grouping import Grouping, make_grouping
 from groupdir.labels import label_bins
 from groupdir.losses import label_weights
 from groupdir.methods import Method, Step, build_model, get_method
-from groupdir.metrics import format_shot_table
 from groupdir.model import DIRNet, forward
 
 
@@ -47,8 +50,8 @@ from groupdir.model import DIRNet, forward
 class Job:
     """What the driver hands every worker."""
     cfg: Config
-    run_id: str            # the MLflow run rank 0 logs to
-    progress: bool = True  # rank 0 prints a line per epoch
+    run_id: str              # the MLflow run rank 0 logs to
+    progress: str = "lines"  # rank 0's console: bar (a live bar per epoch, and a line) | lines | off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Worker:
     model: torch.nn.Module  # what trains: net, wrapped in DDP and torch.compile as configured
     optimizer: torch.optim.Optimizer
     state: TrainState
-    tracker: object | None  # rank 0's groupdir.tracking.Tracker
+    run_log: object | None  # rank 0's groupdir.tracking.RunLogger
 
 
 def train_worker(job: Job) -> None:
@@ -85,18 +88,20 @@ def train_worker(job: Job) -> None:
     started = time.perf_counter()
     worker = setup(job)
     add_time(worker.state, "setup", time.perf_counter() - started)
-    if worker.state.stopped:  # the run stopped for good before this restart: say so again
-        report(worker)
-        return
-    with worker.tracker.system_metrics(job.run_id) if worker.tracker else contextlib.nullcontext():
-        try:
-            for epoch in range(worker.state.epoch, job.cfg.epochs):
-                sums, seconds = train_epoch(worker, epoch)
-                end_epoch(worker, epoch, sums, seconds)
-            finish(worker)
-        except TrainingError as err:  # deterministic: every worker sees it at the same step; no retry
-            worker.state.stopped = str(err)
+    try:
+        if worker.state.stopped:  # the run stopped for good before this restart: say so again
             report(worker)
+            return
+        for epoch in range(worker.state.epoch, job.cfg.epochs):
+            sums, seconds = train_epoch(worker, epoch)
+            end_epoch(worker, epoch, sums, seconds)
+        finish(worker)
+    except TrainingError as err:  # deterministic: every worker sees it at the same step; no retry
+        worker.state.stopped = str(err)
+        report(worker)
+    finally:
+        if worker.run_log:
+            worker.run_log.close()
 
 
 # ========================================= setup ==========================================
@@ -127,17 +132,17 @@ def setup(job: Job) -> Worker:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    tracker = None
+    run_log = None
     if rank == 0:
-        from groupdir.tracking import Tracker
+        from groupdir.tracking import RunLogger, Tracker
 
-        tracker = Tracker(cfg.tracking_uri)
-        tracker.log_epochs(job.run_id, state.history)  # epochs checkpointed but not logged before a crash
+        run_log = RunLogger(Tracker(cfg.tracking_uri), job.run_id, say)
+        run_log.log_epochs(state.history)  # epochs checkpointed but not logged before a crash
     nodes = len(set(gather_objects(ray.get_runtime_context().get_node_id())))
-    if rank == 0 and job.progress and state.epoch == 0:
+    if rank == 0 and job.progress != "off" and state.epoch == 0:
         say(f"training on {world_size} worker(s) across {nodes} node(s), {device.type}")
     return Worker(cfg, job, method, rank, world_size, nodes, device, labels, loaders, targets, net, model,
-                  optimizer, state, tracker)
+                  optimizer, state, run_log)
 
 
 def build_training(cfg: Config, train_labels: np.ndarray, device: torch.device) -> tuple[Supervision, DIRNet,
@@ -216,6 +221,7 @@ def train_epoch(worker: Worker, epoch: int) -> tuple[dict[str, float], float]:
     sums: dict[str, float] = {}
     started = fetched = time.perf_counter()
     waited = 0.0  # for the phase times: how long the step waited for its batch
+    meter = StepMeter(worker, epoch)
     for images, batch_labels, _ in worker.loaders["train"]:
         waited += time.perf_counter() - fetched
         values = train_step(worker, images, batch_labels)
@@ -223,11 +229,48 @@ def train_epoch(worker: Worker, epoch: int) -> tuple[dict[str, float], float]:
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value
         worker.state.step += 1
+        meter.step(values)
         fetched = time.perf_counter()
+    meter.close()
     seconds = time.perf_counter() - started
     add_time(worker.state, "loader_wait", waited)
     add_time(worker.state, "train_steps", seconds - waited)
     return sums, seconds
+
+
+class StepMeter:
+    """Rank 0, during an epoch: every log_every steps the loss terms, learning rate and images/s
+    go to MLflow at the global step; with progress=bar, a live bar (Ray's worker-safe tqdm, drawn
+    by the driver) shows the epoch's images, their rate and the current loss."""
+
+    def __init__(self, worker: Worker, epoch: int):
+        self.worker, self.cfg, self.epoch = worker, worker.cfg, epoch
+        self.active = worker.rank == 0
+        self.last_step, self.last_time = worker.state.step, time.perf_counter()
+        self.bar = None
+        if self.active and worker.job.progress == "bar":
+            from ray.experimental import tqdm_ray
+
+            self.bar = tqdm_ray.tqdm(total=len(worker.loaders["train"]) * self.cfg.batch_size, unit="img",
+                                     desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
+
+    def step(self, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        step = self.worker.state.step
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {self.epoch + 1}/{self.cfg.epochs}  loss {values['total']:.3f}")
+            self.bar.update(self.cfg.batch_size)
+        if self.cfg.log_every and step % self.cfg.log_every == 0:
+            now = time.perf_counter()
+            rate = (step - self.last_step) * self.cfg.batch_size / max(now - self.last_time, 1e-9)
+            self.worker.run_log.log_step(step, {**values, "lr": self.worker.optimizer.param_groups[0]["lr"],
+                                                "images_per_second": rate})
+            self.last_step, self.last_time = step, now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train_step(worker: Worker, images, labels) -> dict[str, float]:
@@ -277,10 +320,10 @@ def end_epoch(worker: Worker, epoch: int, sums: dict[str, float], seconds: float
     state.epoch = epoch + 1
     with timed(state, "checkpoint"):
         report(worker)
-    if worker.tracker:
+    if worker.run_log:
         with timed(state, "mlflow"):
-            worker.tracker.log_epochs(worker.job.run_id, state.history)
-        if worker.job.progress:
+            worker.run_log.log_epochs(state.history)
+        if worker.job.progress != "off":
             say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {sums['total'] / batches:.3f}  "
                 f"val MAE {val['mae/all']:.2f}  bMAE {val['bmae/all']:.2f}  group acc {val['group_acc']:.3f}  "
                 f"({calibration.selected_route} route)  {state.history[-1]['images_per_second']:.0f} img/s"
@@ -331,13 +374,14 @@ def finish(worker: Worker) -> None:
     results.update(validation=state.best_val, classifier_retraining=retraining or {}, best_epoch=state.best_epoch,
                    steps=state.step, workers=worker.world_size, nodes=worker.nodes, timings=dict(state.timings))
     state.results = results
-    report(worker)
-    if worker.tracker and not worker.tracker.final_logged(worker.job.run_id):
-        log_results(worker, outputs)
+    files = {}
+    if worker.run_log:  # the driver sends these to MLflow, with what the run log could not send
+        files = {**plot_files(worker, outputs), checkpoint.UNSENT_STEPS: json.dumps(worker.run_log.close()).encode()}
+    report(worker, files)
 
 
-def log_results(worker: Worker, outputs: Outputs) -> None:
-    """Rank 0: the test metrics, the shot table, and the plots of the selected route."""
+def plot_files(worker: Worker, outputs: Outputs) -> dict[str, bytes]:
+    """Rank 0: the plots of the selected route on test, as PNG files (path in the checkpoint: bytes)."""
     from groupdir import plots
 
     cfg, results, grouping = worker.cfg, worker.state.results, worker.targets.grouping
@@ -348,15 +392,23 @@ def log_results(worker: Worker, outputs: Outputs) -> None:
                "predicted_vs_true": plots.predicted_vs_true(value, outputs.target, selected)}
     if outputs.logits is not None:
         figures["group_confusion"] = plots.group_confusion(groups, grouping.assign(outputs.target), grouping.num_groups)
-    worker.tracker.log_results(worker.job.run_id, results, cfg.to_dict(), format_shot_table({cfg.method: results}),
-                               figures)
+    return {f"{checkpoint.PLOTS}/{name}.png": png_bytes(figure) for name, figure in figures.items()}
+
+
+def png_bytes(figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 # ======================================== reporting =======================================
 
-def report(worker: Worker) -> None:
+def report(worker: Worker, files: dict[str, bytes] | None = None) -> None:
     """Every worker calls this at the same points (`ray.train.report` is a barrier); rank 0 attaches
-    the checkpoint folder (groupdir/checkpoint.py)."""
+    the checkpoint folder (groupdir/checkpoint.py), with `files` (path: bytes) in it."""
     import ray.train
 
     state, cfg = worker.state, worker.cfg
@@ -371,7 +423,7 @@ def report(worker: Worker) -> None:
     with checkpoint.temporary_folder() as folder:
         best = None if state.stopped else checkpoint.best_model_file(state, cfg, worker.targets.grouping.edges,
                                                                       worker.labels)
-        checkpoint.write(Path(folder), state, worker.net, worker.optimizer, best)
+        checkpoint.write(Path(folder), state, worker.net, worker.optimizer, best, files or {})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

@@ -1,22 +1,30 @@
 """MLflow, through one owner: `Tracker`. Nothing else in groupdir talks to MLflow.
 
 Who uses it, for what: the driver checks the store before anything starts (a typo must not cost an
-hour of training), opens the run (config as params, provenance tags), logs the best checkpoint and
-ends the run. Rank 0 logs each finished epoch, the system metrics and the test results, shot table
-and plots. A sweep's driver opens the parent run, ends the trials that cannot end themselves
-(stopped early, failed) and logs the summary. Epochs are logged from the checkpointed history and
-only if not logged yet, so a worker restart never logs an epoch twice.
+hour of training) and opens the run (config as params, provenance tags). During training rank 0's
+`RunLogger` sends every `log_every` steps' loss terms, each finished epoch and the system metrics,
+from a background thread: a slow or absent tracking server never holds up a step. At the end the
+driver's `publish_run` sends what the run folder holds and MLflow does not yet (epochs it missed,
+the test results, shot table, plots, checkpoint) and ends the run; a rerun of the same command does
+the same for a run whose server was away at its end. A sweep's driver opens the parent run, ends
+the trials that cannot end themselves (stopped early, failed) and logs the summary. Epochs are
+logged only if MLflow does not hold them yet and steps only past the last one it holds, so neither
+a worker restart nor a replay ever logs anything twice.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import math
+import os
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import yaml
@@ -26,6 +34,13 @@ from groupdir.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EPOCH_MARKER = "epoch"  # logged with every epoch; its steps say which epochs MLflow holds
+STEP_MARKER = "step/total"  # logged every log_every steps; its last step says where a replay starts
+BATCH_LIMIT = 1000  # metrics per MLflow log_batch call
+# MLflow retries a failed HTTP request 7 times, up to 2 minutes apart, so a call to an absent server
+# hangs for minutes. groupdir waits in its own way (RunLogger, publish_run): each call fails fast.
+# MLflow takes these settings only from the environment.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def resolve_uri(uri: str) -> str:
@@ -65,11 +80,14 @@ class Tracker:
     def __init__(self, uri: str):
         from mlflow import MlflowClient
 
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        # MLflow logs at INFO when it creates tables or starts and stops the system monitor: noise in
-        # a training log. Set after the import, which configures MLflow's logger.
+        # MLflow logs at INFO when it creates a store's tables (which creating the client does) or
+        # starts and stops the system monitor: noise in a training log. Set after the import, which
+        # configures MLflow's logger.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self.uri = uri
+        if uri.startswith(("http://", "https://")):
+            os.environ.update(HTTP_SETTINGS)
+        self.client = MlflowClient(tracking_uri=uri)
 
     # --- runs -------------------------------------------------------------------------------
     def open_run(self, experiment: str, run_name: str, params: dict, tags: dict, run_id: str = "") -> str:
@@ -143,57 +161,203 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path) -> None:
         self.client.log_artifact(run_id, str(path))
 
-    # --- a training run's epochs and results --------------------------------------------------
-    def log_epochs(self, run_id: str, history: list[dict]) -> None:
-        """Log each epoch of `history` that MLflow does not hold yet, at step = epoch."""
-        from mlflow.entities import Metric
+    # --- what MLflow holds of a training run --------------------------------------------------
+    def logged_epochs(self, run_id: str) -> set[int]:
+        return {m.step for m in self.metric_history(run_id, EPOCH_MARKER)}
 
-        logged = {m.step for m in self.metric_history(run_id, EPOCH_MARKER)}
-        now = int(time.time() * 1000)
-        self.log_metric_records(run_id, [Metric(key, float(value), now, record["epoch"])
-                                         for record in history if record["epoch"] not in logged
-                                         for key, value in record.items() if _finite(value)])
+    def last_logged_step(self, run_id: str) -> int:
+        """The last optimizer step whose per-step metrics MLflow holds (-1: none)."""
+        return max((m.step for m in self.metric_history(run_id, STEP_MARKER)), default=-1)
 
-    def final_logged(self, run_id: str) -> bool:
-        """Whether the test results are in (a driver resumed after the final report must not
-        log them twice)."""
-        return "test/mae/all" in self.client.get_run(run_id).data.metrics
+    def artifact_paths(self, run_id: str, folder: str = "") -> set[str]:
+        return {a.path for a in self.client.list_artifacts(run_id, folder or None)}
 
-    def log_results(self, run_id: str, results: dict, cfg_dict: dict, shot_table: str, figures: dict) -> None:
-        """test/KEY: the route validation selected (the headline); test/ROUTE/KEY: every route;
-        best_val/KEY: the delivered model's validation metrics (after classifier re-training);
-        seconds/PHASE: where rank 0's time went."""
-        from groupdir.evaluation import REFERENCE_ROUTES, TEST_ROUTES
 
-        routes = {route: results[route] for route in TEST_ROUTES + REFERENCE_ROUTES if route in results}
-        self.log_metrics(run_id, {
-            **{f"test/{key}": value for key, value in routes[results["selected_route"]].items()},
+def epoch_metrics(history: list[dict], skip: set[int]) -> list:
+    """MLflow metrics of each epoch record not in `skip`, at step = epoch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, record["epoch"]) for record in history if record["epoch"] not in skip
+            for key, value in record.items() if _finite(value)]
+
+
+def step_metrics(steps: list[dict], after: int) -> list:
+    """MLflow metrics of each per-step record past step `after`."""
+    from mlflow.entities import Metric
+
+    return [Metric(key, float(value), int(record["time_ms"]), record["step"]) for record in steps
+            if record["step"] > after for key, value in record.items() if key.startswith("step/") and _finite(value)]
+
+
+def result_metrics(results: dict) -> dict:
+    """test/KEY: the route validation selected (the headline); test/ROUTE/KEY: every route;
+    best_val/KEY: the delivered model's validation metrics (after classifier re-training);
+    seconds/PHASE: where rank 0's time went."""
+    from groupdir.evaluation import REFERENCE_ROUTES, TEST_ROUTES
+
+    routes = {route: results[route] for route in TEST_ROUTES + REFERENCE_ROUTES if route in results}
+    return {**{f"test/{key}": value for key, value in routes[results["selected_route"]].items()},
             **{f"test/{route}/{key}": value for route, metrics in routes.items() for key, value in metrics.items()},
             **{f"calibration/{key}": value for key, value in results["calibration"].items() if key != "shift"},
             **{f"best_val/{key}": value for key, value in results["validation"].items()},
             **results["classifier_retraining"],
-            **{f"seconds/{phase}": seconds for phase, seconds in results.get("timings", {}).items()}})
-        self.client.set_tag(run_id, "selected_route", results["selected_route"])
-        self.log_text(run_id, "# Test shot table\n\n```\n" + shot_table + "\n```\n", "test_shot_table.md")
-        self.log_text(run_id, yaml.safe_dump(cfg_dict, sort_keys=False), "config.yaml")
-        for name, figure in figures.items():
-            self.log_figure(run_id, figure, f"plots/{name}.png")
+            **{f"seconds/{phase}": seconds for phase, seconds in results.get("timings", {}).items()}}
 
-    @contextlib.contextmanager
-    def system_metrics(self, run_id: str):
-        """CPU, memory and GPU use logged to the run while the block runs, through MLflow's public
-        switch (a run started with log_system_metrics=True; a restarted worker continues the run's
-        step numbers). Leaving the block ends MLflow's active run in this process without changing
-        the run's status: whoever ends the run (the driver) sets that."""
-        import mlflow
 
-        mlflow.set_tracking_uri(self.uri)  # the fluent API's process-wide store: this worker's only
-        mlflow.set_system_metrics_sampling_interval(5)
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+class RunLogger:
+    """Rank 0's MLflow logging during training. Metrics queue up and one background thread sends
+    them, a batch at a time; while the server does not answer they wait (one warning), and go with
+    the next batch once it does. The system metrics monitor (MLflow's) stops when it cannot reach
+    the server; it is started again when the server is back. `close` hands back what could not be
+    sent, for the driver to replay.
+
+    Not MLflow's own async logging (log_batch(synchronous=False)): a batch it fails to send is
+    dropped, and it offers no way to ask whether a batch is done without waiting for it."""
+
+    def __init__(self, tracker: Tracker, run_id: str, say):
+        self.tracker, self.run_id, self.say = tracker, run_id, say
+        # While the server is away, urllib3 warns of each refused connection and MLflow's monitor
+        # of its stop; our one warning says it.
+        for name in ("urllib3.connectionpool", "mlflow.system_metrics"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.epochs: list[dict] = []   # epoch records waiting to be sent
+        self.steps: list[dict] = []    # per-step records waiting to be sent
+        self.lock = threading.Lock()
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groupdir-mlflow")
+        self.sending: Future | None = None
+        self.logged: set[int] | None = None  # the epochs MLflow holds; None until the server answered
+        self.last_step = -1
+        self.unreachable_since: float | None = None
+        self.monitor = None
+        self.closed = False
+
+    def log_step(self, step: int, values: dict) -> None:
+        with self.lock:
+            self.steps.append({"step": step, "time_ms": int(time.time() * 1000),
+                               **{f"step/{key}": value for key, value in values.items()}})
+        self.send()
+
+    def log_epochs(self, history: list[dict]) -> None:
+        """The epochs of `history` MLflow does not hold yet (after a restart: those logged before
+        the crash are skipped)."""
+        with self.lock:
+            known = {record["epoch"] for record in self.epochs} | (self.logged or set())
+            self.epochs += [record for record in history if record["epoch"] not in known]
+        self.send()
+
+    def send(self) -> None:
+        """Hand what waits to the background thread, unless it is still busy with a batch."""
+        if self.sending is None or self.sending.done():
+            self.sending = self.sender.submit(self._send_waiting)
+
+    def close(self, timeout: float = 60.0) -> list[dict]:
+        """Stop (once; later calls do nothing): a last attempt to send what waits; returns the
+        per-step records still unsent. Each MLflow call is bounded by HTTP_SETTINGS; `timeout`
+        bounds the wait for the whole."""
+        if self.closed:
+            return []
+        self.closed = True
+        last = self.sender.submit(self._send_waiting)  # runs after the send in flight, if any
         try:
-            yield
-        finally:
-            mlflow.end_run(status=self.client.get_run(run_id).info.status)
+            last.result(timeout=timeout)
+        except FutureTimeout:
+            self.say(f"warning: MLflow at {self.tracker.uri} is slow; stopped waiting after {timeout:g} s")
+        self.sender.shutdown(wait=False)
+        if self.monitor is not None:
+            self.monitor.finish()
+        with self.lock:
+            return list(self.steps)
+
+    # --- the background thread -----------------------------------------------------------------
+    def _send_waiting(self) -> None:
+        """Send what waits; when the server does not answer, leave it waiting for the next try."""
+        try:
+            if self.logged is None:  # what MLflow holds from before a worker restart
+                self.logged = self.tracker.logged_epochs(self.run_id)
+                self.last_step = self.tracker.last_logged_step(self.run_id)
+            with self.lock:
+                epochs, steps = self.epochs[:], self.steps[:]
+            records = epoch_metrics(epochs, skip=self.logged) + step_metrics(steps, after=self.last_step)
+            if len(records) <= BATCH_LIMIT:
+                self.tracker.log_metric_records(self.run_id, records)
+                self._sent(epochs, steps)
+            else:  # a backlog: a record at a time, so that a failure part-way sends nothing twice
+                for record in epochs:
+                    self.tracker.log_metric_records(self.run_id, epoch_metrics([record], skip=self.logged))
+                    self._sent([record], [])
+                for start in range(0, len(steps), 100):
+                    part = steps[start:start + 100]
+                    self.tracker.log_metric_records(self.run_id, step_metrics(part, after=self.last_step))
+                    self._sent([], part)
+        except Exception as err:  # connection refused, a timeout, a 5xx: all wait for the next try
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+                self.say(f"warning: MLflow at {self.tracker.uri} does not answer ({type(err).__name__}); "
+                         f"training goes on, its metrics wait and are sent when it is back")
+            return
+        if self.unreachable_since is not None:
+            self.say(f"MLflow answers again after {time.monotonic() - self.unreachable_since:.0f} s; "
+                     f"the metrics that waited are sent")
+            self.unreachable_since = None
+        self._keep_monitoring()
+
+    def _sent(self, epochs: list[dict], steps: list[dict]) -> None:
+        """`epochs` and `steps`, the front of their queues, are in MLflow."""
+        with self.lock:
+            del self.epochs[:len(epochs)], self.steps[:len(steps)]
+        self.logged |= {record["epoch"] for record in epochs}
+        self.last_step = max([self.last_step] + [record["step"] for record in steps])
+
+    def _keep_monitoring(self) -> None:
+        """CPU, memory and GPU use every 5 s, continuing the run's step numbers after a restart or
+        an outage (MLflow's monitor ends at its first failed call)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        if self.monitor is None or self.monitor._process is None or not self.monitor._process.is_alive():
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=True,
+                                                tracking_uri=self.tracker.uri)
+            self.monitor.start()
+
+
+def publish_run(tracker: Tracker, run_id: str, run_dir: Path, cfg_dict: dict, extra_artifacts: tuple = ()) -> None:
+    """Send what the finished run folder holds and MLflow does not (epochs, per-step metrics rank 0
+    could not send, test results, shot table, config, plots, checkpoint), then mark the run
+    FINISHED. Safe to repeat: what MLflow holds is not sent again."""
+    from groupdir import checkpoint
+    from groupdir.atomic import read_json
+    from groupdir.metrics import format_shot_table
+
+    history, results = read_json(run_dir / checkpoint.HISTORY), read_json(run_dir / checkpoint.RESULTS)
+    unsent = run_dir / checkpoint.UNSENT_STEPS
+    tracker.log_metric_records(run_id, epoch_metrics(history, skip=tracker.logged_epochs(run_id)))
+    if unsent.exists():
+        tracker.log_metric_records(run_id, step_metrics(json.loads(unsent.read_text()),
+                                                        after=tracker.last_logged_step(run_id)))
+    if "test/mae/all" not in tracker.run(run_id).data.metrics:
+        tracker.log_metrics(run_id, result_metrics(results))
+        tracker.set_tags(run_id, {"selected_route": results["selected_route"]})
+    held = tracker.artifact_paths(run_id)
+    if "test_shot_table.md" not in held:
+        tracker.log_text(run_id, "# Test shot table\n\n```\n" + format_shot_table({cfg_dict["method"]: results})
+                         + "\n```\n", "test_shot_table.md")
+    if "config.yaml" not in held:
+        tracker.log_text(run_id, yaml.safe_dump(cfg_dict, sort_keys=False), "config.yaml")
+    plots = run_dir / checkpoint.PLOTS
+    if plots.is_dir() and checkpoint.PLOTS not in held:
+        tracker.client.log_artifacts(run_id, str(plots), checkpoint.PLOTS)
+    for path in (run_dir / checkpoint.CHECKPOINT, *extra_artifacts):
+        if path.name not in held:
+            tracker.log_artifact(run_id, path)
+    tracker.finish_run(run_id, "FINISHED")
+
+
+def server_unreachable(err: BaseException) -> bool:
+    """Whether `err` is MLflow failing to reach its server (refused, timed out, a 5xx), as opposed
+    to a request the server answered with an error."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and str(err).startswith("API request to")
 
 
 def provenance_tags(cfg, dataset: str) -> dict:

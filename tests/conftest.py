@@ -3,7 +3,8 @@ import ray
 
 from groupdir.data.shards import Encoding, prepare
 from groupdir.data.synth import SynthSpec, write_synth
-from helpers import TRAIN_ROWS
+from groupdir.server import MlflowServer
+from helpers import TRAIN_ROWS, free_port
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,11 @@ def local_ray():
     ray.init(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on a free loopback port,
+    shared by the test session; the runs log to it over HTTP, as a team's runs do."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server"), port=free_port()) as server:
+        yield server

@@ -4,6 +4,7 @@ check in the training loop)."""
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +19,13 @@ def steps_per_epoch(batch_size: int, workers: int = 1, train_rows: int = TRAIN_R
     """Optimizer steps in one epoch: each worker gets an equal slice of the rows and drops its last
     partial batch of batch_size / workers."""
     return (train_rows // workers) // (batch_size // workers)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a test's own server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # Ray ships these hooks to its workers by value: the workers cannot import the tests folder.

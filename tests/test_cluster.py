@@ -40,7 +40,7 @@ def test_two_workers_on_two_nodes_train_to_completion(tiny_synth, tmp_path):
                                           "num_groups=5", "image_size=32",
                                           f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
                                    data=str(shards), address=address)
-        results = train(cfg, tmp_path / "run", progress=False)
+        results = train(cfg, tmp_path / "run", progress="off")
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

@@ -38,10 +38,11 @@ def space_file(folder: Path, space: dict, fixed: dict = TINY, **top) -> str:
     return str(path)
 
 
-def sweep_runs(tracking):
-    """(parent, children) of the one sweep in the store."""
+def sweep_runs(tracking, experiment: str = ""):
+    """(parent, children) of the one sweep in the store (in `experiment`, when given)."""
     client = MlflowClient(tracking)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()
+                               if not experiment or e.name == experiment])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert len(parents) == 1, [run.info.run_name for run in parents]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
@@ -159,15 +160,20 @@ def test_asha_never_judges_a_trials_last_epoch():
 # ------------------------------------- sweeps on Ray -------------------------------------
 
 @pytest.mark.slow
-def test_sweep_nests_every_trial_under_one_parent(tiny_synth, tmp_path, tracking, local_ray, capsys):
+def test_sweep_nests_every_trial_under_one_parent(tiny_synth, tmp_path, mlflow_server, local_ray, capsys, monkeypatch):
+    """Against a real tracking server, over HTTP (its own experiment there)."""
+    tracking, experiment = mlflow_server.uri, f"sweep-{tmp_path.name}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     heads = {"ce": {"group_loss": "ce", "beta": 2.0}, "soft": {"group_loss": "soft", "beta": 0.5}}
     space = space_file(tmp_path, {"num_groups": {"choice": [2, 5]}, "temperature": {"loguniform": [0.1, 5.0]},
                                   "head": {"choice": heads}},
-                       fixed={k: v for k, v in TINY.items() if k != "num_groups"}, trials=2)
-    assert main(["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep")]) == 0
+                       fixed={**{k: v for k, v in TINY.items() if k != "num_groups"}, "log_every": 5}, trials=2)
+    command = ["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep"),
+               f"experiment={experiment}"]
+    assert main(command) == 0
     assert "best on validation" in capsys.readouterr().out
 
-    client, parent, children = sweep_runs(tracking)
+    client, parent, children = sweep_runs(tracking, experiment)
     assert len(children) == 2 and parent.info.status == "FINISHED"
     assert len({child.data.params["temperature"] for child in children}) == 2, "Optuna drew the same point twice"
     for child in children:
@@ -177,8 +183,11 @@ def test_sweep_nests_every_trial_under_one_parent(tiny_synth, tmp_path, tracking
         judged = val_history(client, child)[:int(child.data.tags.get("stopped_epoch", 99))]
         assert child.data.metrics["best_val/bmae/all"] == min(judged)
         if child.info.status == "FINISHED":
-            assert {"test/mae/all", "test/bmae/all"} <= set(child.data.metrics)
+            assert {"test/mae/all", "test/bmae/all", "step/total", "step/lr"} <= set(child.data.metrics)
             assert len(val_history(client, child)) == TINY["epochs"]
+            artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+            assert "plots/per_label_mae.png" in artifacts and "checkpoint.pt" in {
+                a.path for a in client.list_artifacts(child.info.run_id)}
         else:  # stopped by ASHA: said so, never tested
             assert child.info.status == "KILLED" and child.data.tags["stopped_early"].startswith("ASHA")
             assert "test/mae/all" not in child.data.metrics
@@ -197,7 +206,7 @@ def test_sweep_nests_every_trial_under_one_parent(tiny_synth, tmp_path, tracking
     assert (tmp_path / "sweep" / "trials" / best.data.tags["trial_id"] / "checkpoint.pt").is_file()
 
     # A finished sweep's folder is not reused by mistake.
-    assert main(["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep")]) == 2
+    assert main(command) == 2
     assert "pass --resume" in capsys.readouterr().err
 
 

@@ -1,7 +1,14 @@
-import pytest
+from pathlib import Path
 
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from groupdir.atomic import write_json_atomic
 from groupdir.errors import ConfigError
-from groupdir.tracking import Tracker, check_reachable, resolve_uri
+from groupdir.metrics import shot_metrics
+from groupdir.tracking import RunLogger, Tracker, check_reachable, publish_run, resolve_uri, step_metrics
+from helpers import free_port
 
 
 def test_uris_resolve_to_absolute_sqlite_and_file_stores_are_refused(tmp_path, monkeypatch):
@@ -23,39 +30,101 @@ def test_an_unusable_tracking_store_is_refused_fast(tmp_path):
     assert (tmp_path / "mlflow.db").exists()
 
 
-def test_epochs_already_in_mlflow_are_not_logged_again(tmp_path):
-    from mlflow import MlflowClient
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One sqlite store for the module: creating one takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri)
+
+def results_of_a_run() -> dict:
+    """A results.json as a finished run writes it (shot metrics from real predictions)."""
+    train = np.array([1.0] * 150 + [2.0] * 40 + [3.0] * 5)
+    shots = shot_metrics([1, 2, 3], [1, 2, 3.5], train)
+    return {"predicted": {**shots, "group_acc": 0.5, "group_dist": 1.0},
+            "adjusted": {**shots, "mae/all": 1.2, "group_acc": 0.7, "group_dist": 0.5},
+            "oracle": {**shots, "mae/all": 0.4, "group_acc": 1.0, "group_dist": 0.0}, "selected_route": "adjusted",
+            "calibration": {"shift": [0.1, -0.1], "tau": 0.7, "soft_tau": 1.0, "route_temperature": 0.5,
+                            "selected_route": "adjusted"},
+            "validation": {"bmae/all": 2.5}, "classifier_retraining": {"crt/steps": 30}, "best_epoch": 2, "steps": 20}
+
+
+def finished_run_folder(folder: Path, history: list[dict], unsent: list[dict]) -> Path:
+    (folder / "plots").mkdir(parents=True)
+    write_json_atomic(folder / "history.json", history)
+    write_json_atomic(folder / "results.json", results_of_a_run())
+    write_json_atomic(folder / "unsent_steps.json", unsent)
+    (folder / "checkpoint.pt").write_bytes(b"weights")
+    (folder / "plots" / "per_label_mae.png").write_bytes(b"png")
+    return folder
+
+
+def test_the_run_logger_logs_each_epoch_and_step_once_across_restarts(store):
+    uri = store
+    tracker, said = Tracker(uri), []
     run_id = tracker.open_run("e", "r", {"lr": 0.1}, {"method": "groupdir"})
     assert tracker.open_run("e", "r", {}, {}, run_id=run_id) == run_id  # a resumed run reopens its run
-    with tracker.system_metrics(run_id):
-        history = [{"epoch": 1, "train/total": 3.0}, {"epoch": 2, "train/total": 2.0}]
-        tracker.log_epochs(run_id, history[:1])
-        tracker.log_epochs(run_id, history)  # after a restart the whole history comes again
-        tracker.log_epochs(run_id, history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
-        tracker.log_epochs(run_id, history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
-        assert not tracker.final_logged(run_id)
-        results = {"predicted": {"mae/all": 1.5, "mae/few": float("nan")}, "adjusted": {"mae/all": 1.2},
-                   "oracle": {"mae/all": 0.4}, "selected_route": "adjusted",
-                   "calibration": {"shift": [0.1, -0.1], "tau": 0.7, "soft_tau": 1.0, "route_temperature": 0.5,
-                                   "selected_route": "adjusted"},
-                   "validation": {"bmae/all": 2.5}, "classifier_retraining": {"crt/steps": 30},
-                   "best_epoch": 2, "steps": 20}
-        tracker.log_results(run_id, results, {"lr": 0.1}, "table", {})
-        assert tracker.final_logged(run_id)  # a resumed driver's workers skip the final logging
-    assert tracker.run(run_id).info.status == "RUNNING"  # the driver ends the run, not the monitor
-    tracker.finish_run(run_id, "KILLED")
-    tracker.finish_run(run_id, "FINISHED", error="late")  # a run already ended keeps its status
+    history = [{"epoch": 1, "train/total": 3.0}, {"epoch": 2, "train/total": 2.0}]
+    first = RunLogger(tracker, run_id, said.append)
+    for step in (5, 10):
+        first.log_step(step, {"total": 3.0 - step / 10, "lr": 0.1})
+    first.log_epochs(history[:1])
+    first.log_epochs(history)
+    assert first.close() == []  # everything sent
+    # A restarted worker (from epoch 1's checkpoint) sends its history and steps again.
+    second = RunLogger(tracker, run_id, said.append)
+    second.log_epochs(history[:1])
+    for step in (5, 10, 15):
+        second.log_step(step, {"total": 9.0, "lr": 0.1})
+    second.log_epochs(history + [{"epoch": 3, "train/total": float("nan"), "val/mae/all": 1.0}])
+    assert second.close() == [] and second.close() == []  # closing twice is harmless
+    assert said == []  # no warning: the store always answered
     client = MlflowClient(uri)
-    metrics = client.get_run(run_id).data.metrics
-    assert metrics["test/mae/all"] == 1.2 and client.get_run(run_id).data.tags["selected_route"] == "adjusted"
-    assert metrics["test/predicted/mae/all"] == 1.5 and metrics["test/oracle/mae/all"] == 0.4
-    assert metrics["calibration/tau"] == 0.7 and metrics["best_val/bmae/all"] == 2.5 and metrics["crt/steps"] == 30
-    assert not any(key.startswith(("test/validation", "test/calibration", "test/classifier")) for key in metrics)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/total")] == [(1, 3.0), (2, 2.0)]
     # epoch 3's NaN is left out (MLflow cannot plot it); its other metrics are there
     assert [m.step for m in client.get_metric_history(run_id, "val/mae/all")] == [3]
-    assert client.get_run(run_id).data.params == {"lr": "0.1"}
-    assert client.get_run(run_id).info.status == "KILLED" and "error" not in client.get_run(run_id).data.tags
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "step/total")] == [(5, 2.5), (10, 2.0),
+                                                                                           (15, 9.0)]
+    assert tracker.run(run_id).info.status == "RUNNING"  # the driver ends the run, not rank 0
+
+
+def test_metrics_wait_while_the_server_is_away_and_a_replay_sends_each_once(store, tmp_path):
+    """A run logger whose server does not answer warns once and hands its steps back; the driver's
+    publish_run sends the run folder's epochs, steps, results and artifacts, and again sends nothing."""
+    uri = store
+    tracker, said = Tracker(uri), []
+    run_id = tracker.open_run("e", "r", {"lr": 0.1}, {"method": "groupdir"})
+    away = RunLogger(Tracker(f"http://127.0.0.1:{free_port()}"), run_id, said.append)  # nothing listens there
+    away.log_epochs([{"epoch": 1, "train/total": 3.0}])
+    away.log_step(5, {"total": 2.5})
+    away.log_step(10, {"total": 2.0})
+    unsent = away.close()
+    assert [record["step"] for record in unsent] == [5, 10]
+    assert len(said) == 1 and said[0].startswith("warning: MLflow at http://127.0.0.1:") and "training goes on" in said[0]
+
+    tracker.log_metric_records(run_id, step_metrics(unsent[:1], after=-1))  # step 5 got through before
+    history = [{"epoch": 1, "train/total": 3.0}, {"epoch": 2, "train/total": 2.0}]
+    run_dir = finished_run_folder(tmp_path / "run", history, unsent)
+    for _ in range(2):  # the end of the run, then a rerun of the command: nothing twice
+        publish_run(tracker, run_id, run_dir, {"method": "groupdir", "lr": 0.1})
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train/total")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "step/total")] == [5, 10]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["test/mae/all"] == 1.2 and run.data.tags["selected_route"] == "adjusted"
+    assert metrics["test/oracle/mae/all"] == 0.4 and len(client.get_metric_history(run_id, "test/mae/all")) == 1
+    assert metrics["calibration/tau"] == 0.7 and metrics["best_val/bmae/all"] == 2.5 and metrics["crt/steps"] == 30
+    assert not any(key.startswith(("test/validation", "test/calibration", "test/classifier")) for key in metrics)
+    assert {a.path for a in client.list_artifacts(run_id)} == {"checkpoint.pt", "config.yaml", "test_shot_table.md",
+                                                                 "plots"}
+    assert "adjusted tau 0.7 *" in Path(client.download_artifacts(run_id, "test_shot_table.md", str(tmp_path))).read_text()
+
+
+def test_a_run_already_ended_keeps_its_status(store):
+    tracker = Tracker(store)
+    run_id = tracker.open_run("e", "r", {}, {})
+    tracker.finish_run(run_id, "KILLED")
+    tracker.finish_run(run_id, "FINISHED", error="late")
+    run = tracker.run(run_id)
+    assert run.info.status == "KILLED" and "error" not in run.data.tags

@@ -1,10 +1,13 @@
 """Training on a real local Ray: one and two DDP workers, MLflow contents, an injected worker crash,
-a diverging run. Runs read the tiny data root through torch's DataLoader unless the test is about
-FFCV shards (two workers logging to MLflow), which costs each run FFCV's JIT compile."""
+a tracking server outage, a diverging run. Runs log over HTTP to a real MLflow tracking server, and
+read the tiny data root through torch's DataLoader unless the test is about FFCV shards (two
+workers logging to MLflow), which costs each run FFCV's JIT compile."""
 
 import csv
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,8 @@ from groupdir.errors import TrainingError
 from groupdir.evaluation import evaluate_checkpoint
 from groupdir.methods import Step, get_method
 from groupdir.recipe import check_finite
-from helpers import CrashOnce, steps_per_epoch
+from groupdir.server import MlflowServer
+from helpers import CrashOnce, free_port, steps_per_epoch
 
 SHARD_RUN = {"epochs": 2, "batch_size": 64, "image_size": 32, "num_groups": 5, "lr": 2e-3}
 
@@ -29,8 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def tracking(mlflow_server):
+    return mlflow_server.uri
 
 
 def run_of(tracking, run_dir):
@@ -45,7 +49,7 @@ def test_tiny_run_learns(tiny_synth, tmp_path, tracking, method, compiled, epoch
     cfg = load_config(overrides={"data": str(tiny_synth), "method": method, "epochs": epochs, "batch_size": 64,
                                  "image_size": 32, "num_groups": 5, "lr": 2e-3, "seed": 0, "tracking_uri": tracking,
                                  "compile": compiled})
-    results = train(cfg, tmp_path, progress=False)
+    results = train(cfg, tmp_path, progress="off")
 
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
@@ -113,7 +117,7 @@ def test_calibration_never_sees_test_labels(tiny_synth, tmp_path, tracking):
         writer.writerows(rows)
     settings = {"epochs": 2, "batch_size": 64, "image_size": 16, "num_groups": 5, "seed": 0, "crt_epochs": 1,
                 "tracking_uri": tracking}
-    results = {name: train(load_config(overrides={**settings, "data": str(root)}), tmp_path / name, progress=False)
+    results = {name: train(load_config(overrides={**settings, "data": str(root)}), tmp_path / name, progress="off")
                for name, root in (("given", tiny_synth), ("other", other))}
     given, changed = results["given"], results["other"]
     def learned(name):  # the history without its timings
@@ -132,7 +136,7 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     # With classifier re-training: rank 0 re-trains, and both workers must test the same classifier.
     cfg = load_config(overrides={**SHARD_RUN, "data": str(shards), "workers": 2, "tracking_uri": tracking,
                                  "crt_epochs": 3})
-    results = train(cfg, tmp_path / "run", progress=False)
+    results = train(cfg, tmp_path / "run", progress="off")
     assert results["workers"] == 2 and results["steps"] == 2 * steps_per_epoch(64, workers=2)
     assert results["predicted"]["n/all"] == read_meta(shards)["rows"]["test"]  # the workers' test slices, gathered, every row once
 
@@ -148,6 +152,11 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     assert tags["groupdir_version"]
     for key in ("val/mae/all", "val/bmae/all", "val/group_acc", "train/grc", "train/cls", "train/reg"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    # Every log_every steps (default 20; 18 steps here: step 0 is not one), the terms, lr and rate.
+    every = cfg.log_every
+    for key in ("step/total", "step/grc", "step/lr", "step/images_per_second"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(every, results["steps"] + 1, every)), key
     metrics = run.data.metrics
     selected = results["selected_route"]
     assert run.data.tags["selected_route"] == selected
@@ -176,7 +185,7 @@ def test_a_crashed_worker_is_replaced_and_every_epoch_is_logged_once(tiny_synth,
     cfg = load_config(overrides={**SHARD_RUN, "image_size": 16, "epochs": 2, "data": str(tiny_synth), "workers": 2,
                                  "tracking_uri": tracking, "max_failures": 1})
     marker = tmp_path / "crashed"
-    results = train(cfg, tmp_path / "run", progress=False, worker_loop=CrashOnce(steps + 3, marker))
+    results = train(cfg, tmp_path / "run", progress="off", worker_loop=CrashOnce(steps + 3, marker))
     assert marker.exists()  # it did crash
     assert results["steps"] == 2 * steps  # what an uninterrupted run takes, no step repeated
     history = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -188,18 +197,81 @@ def test_a_crashed_worker_is_replaced_and_every_epoch_is_logged_once(tiny_synth,
     assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == [steps, 2 * steps]
 
 
+def test_training_goes_on_while_the_tracking_server_is_down(tiny_synth, tmp_path):
+    """The server stops once epoch 1 is in MLflow and comes back once epoch 2 is checkpointed:
+    training goes on, and in the end MLflow holds every epoch and every log_every-th step exactly
+    once, the test results, the plots and the checkpoint."""
+    run_dir, log_every = tmp_path / "run", 2
+    server = MlflowServer(tmp_path / "store", port=free_port()).start()
+    cfg = load_config(overrides={**SHARD_RUN, "image_size": 16, "epochs": 2, "data": str(tiny_synth),
+                                 "tracking_uri": server.uri, "log_every": log_every, "tracking_patience": 300})
+    events, failures = [], []
+
+    def outage():
+        try:
+            wait_for(lambda: (run_dir / "run.json").exists())
+            run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+            wait_for(lambda: MlflowClient(server.uri).get_metric_history(run_id, "epoch"))
+            server.stop()
+            events.append("stopped")
+            wait_for(lambda: checkpointed_epochs(run_dir) >= 2)
+            server.start()
+            events.append("restarted")
+        except Exception as err:  # re-raised by the test below
+            failures.append(err)
+
+    watcher = threading.Thread(target=outage)
+    watcher.start()
+    try:
+        results = train(cfg, run_dir, progress="off")
+    finally:
+        watcher.join()
+        try:
+            assert not failures, failures
+            assert events == ["stopped", "restarted"]
+            client, run = run_of(server.uri, run_dir)
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2]
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "val/bmae/all")] == [1, 2]
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "step/total"))
+            assert steps == list(range(log_every, results["steps"] + 1, log_every))
+            assert run.data.metrics["test/mae/all"] == pytest.approx(results[results["selected_route"]]["mae/all"])
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"checkpoint.pt", "config.yaml", "test_shot_table.md", "plots"} <= artifacts
+        finally:
+            server.stop()
+
+
+def wait_for(condition, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def checkpointed_epochs(run_dir: Path) -> int:
+    """The most epochs any of the run's Ray checkpoints holds (0 while none is complete)."""
+    counts = [0]
+    for history in run_dir.glob("ray/*/checkpoint_*/history.json"):
+        try:
+            counts.append(len(json.loads(history.read_text())))
+        except (OSError, ValueError):  # being written
+            pass
+    return max(counts)
+
+
 def test_a_diverging_run_stops_at_once_naming_the_term_and_step(tiny_synth, tmp_path, tracking):
     cfg = load_config(overrides={**SHARD_RUN, "image_size": 16, "data": str(tiny_synth), "workers": 2,
                                  "tracking_uri": tracking,
                                  "lr": 1e30, "max_failures": 2})
     with pytest.raises(TrainingError, match=r"^loss term '\w+' is (nan|inf|-inf) at epoch 1, step \d+"):
-        train(cfg, tmp_path / "run", progress=False)
+        train(cfg, tmp_path / "run", progress="off")
     assert not (tmp_path / "run" / "results.json").exists()
     _, run = run_of(tracking, tmp_path / "run")
     assert run.info.status == "FAILED"
     # Stopped for good: a rerun of the same command says so again instead of training on.
     with pytest.raises(TrainingError, match="loss term"):
-        train(cfg, tmp_path / "run", progress=False)
+        train(cfg, tmp_path / "run", progress="off")
 
 
 def test_summed_group_loss_weighs_the_mean_by_the_global_batch():

@@ -115,7 +115,7 @@ def bench_train(out: Path, worker_counts=(1, 2), train_size: int = 2000, epochs:
             cfg = load_config(overrides=[f"{k}={v}" for k, v in pairs.items()] + list(overrides or []))
             run_dir = out / f"workers-{workers}"
             print(f"{workers} worker(s) ...", flush=True)
-            train(cfg, run_dir, progress=False, force=True)
+            train(cfg, run_dir, progress="off", force=True)
             history = json.loads((run_dir / HISTORY).read_text())
             rates[workers] = statistics.median(h["images_per_second"] for h in history[1:] or history)
     base = rates[worker_counts[0]] / worker_counts[0]

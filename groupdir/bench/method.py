@@ -120,7 +120,7 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
             common["init_from"] = str(out / "runs" / f"{slug(entry.pretrained)}-seed{seed}" / "checkpoint.pt")
         cfg = load_config(entry.config, {**entry.overrides, **common, **parse_overrides(overrides)})
         print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
-        results = train(cfg, run_dir, progress=False)
+        results = train(cfg, run_dir, progress="off")
         print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}: done", flush=True)
         return results
 

@@ -225,7 +225,7 @@ def run_trial(params: dict, job: dict) -> None:
     run_id = Tracker(cfg.tracking_uri).open_run(cfg.experiment, trial_id, {**cfg.to_dict(), **bundle_names},
                                trial_tags(cfg, job, trial_id), existing.info.run_id if existing else "")
     train_run(cfg, job["use_gpu"], run_dir, str(Path(job["sweep_dir"]) / "ray"), f"train-trial_id={trial_id}",
-              run_id, progress=False, callbacks=(TuneReportCallback(),), mark_failures=False,
+              run_id, progress="off", callbacks=(TuneReportCallback(),), mark_failures=False,
               worker_loop=job["worker_loop"])
 
 

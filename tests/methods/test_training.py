@@ -24,7 +24,7 @@ def tracking(tmp_path_factory):
 
 def run(tiny_synth, run_dir, tracking, **settings) -> dict:
     cfg = load_config(overrides={**TINY, "data": str(tiny_synth), "tracking_uri": tracking, **settings})
-    results = train(cfg, run_dir, progress=False)
+    results = train(cfg, run_dir, progress="off")
     history = json.loads((run_dir / "history.json").read_text())
     assert results["workers"] == 2 and len(history) == 1
     again = evaluate_checkpoint(run_dir / "checkpoint.pt", str(tiny_synth), "test", device="cpu")
