@@ -33,6 +33,9 @@ from groupdir import __version__
 from groupdir.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+NOTE = "mlflow.note.content"  # the MLflow UI shows this tag as a run's or experiment's description
+EXPERIMENT_NOTE = ("groupdir runs: one run per `groupdir train`; a sweep is a parent run with its trials nested "
+                   "under it. In MLflow 3, switch the UI to \"Model training\" (top left) to see runs and charts.")
 EPOCH_MARKER = "epoch"  # logged with every epoch; its steps say which epochs MLflow holds
 STEP_MARKER = "step/total"  # logged every log_every steps; its last step says where a replay starts
 BATCH_LIMIT = 1000  # metrics per MLflow log_batch call
@@ -102,7 +105,7 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`, created if missing."""
         found = self.client.get_experiment_by_name(name)
-        return found.experiment_id if found else self.client.create_experiment(name)
+        return found.experiment_id if found else self.client.create_experiment(name, tags={NOTE: EXPERIMENT_NOTE})
 
     def finish_run(self, run_id: str, status: str, error: str = "") -> None:
         """status: FINISHED, FAILED, or KILLED (Ctrl-C, stopped early); a failure's message goes in the
@@ -174,12 +177,13 @@ class Tracker:
 
 
 def epoch_metrics(history: list[dict], skip: set[int]) -> list:
-    """MLflow metrics of each epoch record not in `skip`, at step = epoch."""
+    """MLflow metrics of each epoch record not in `skip`, at step = epoch (sample counts, val/n/SHOT,
+    are not metrics: they would draw flat lines)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     return [Metric(key, float(value), now, record["epoch"]) for record in history if record["epoch"] not in skip
-            for key, value in record.items() if _finite(value)]
+            for key, value in record.items() if _finite(value) and "/n/" not in key]
 
 
 def step_metrics(steps: list[dict], after: int) -> list:
@@ -191,16 +195,21 @@ def step_metrics(steps: list[dict], after: int) -> list:
 
 
 def result_metrics(results: dict) -> dict:
-    """test/KEY: the route validation selected (the headline); test/ROUTE/KEY: every route;
+    """test/KEY: the route validation selected (the headline); routes/ROUTE/KEY: every test route
+    on test; reference/ROUTE/KEY: the routes that read the true group (never a test result);
     best_val/KEY: the delivered model's validation metrics (after classifier re-training);
-    seconds/PHASE: where rank 0's time went."""
+    seconds/PHASE: where rank 0's time went. Sample counts (n/SHOT) stay in the shot table."""
     from groupdir.evaluation import REFERENCE_ROUTES, TEST_ROUTES
 
-    routes = {route: results[route] for route in TEST_ROUTES + REFERENCE_ROUTES if route in results}
-    return {**{f"test/{key}": value for key, value in routes[results["selected_route"]].items()},
-            **{f"test/{route}/{key}": value for route, metrics in routes.items() for key, value in metrics.items()},
+    def named(prefix: str, metrics: dict) -> dict:
+        return {f"{prefix}/{key}": value for key, value in metrics.items() if not key.startswith("n/")}
+
+    return {**named("test", results[results["selected_route"]]),
+            **{k: v for route in TEST_ROUTES if route in results for k, v in named(f"routes/{route}", results[route]).items()},
+            **{k: v for route in REFERENCE_ROUTES if route in results
+               for k, v in named(f"reference/{route}", results[route]).items()},
             **{f"calibration/{key}": value for key, value in results["calibration"].items() if key != "shift"},
-            **{f"best_val/{key}": value for key, value in results["validation"].items()},
+            **named("best_val", results["validation"]),
             **results["classifier_retraining"],
             **{f"seconds/{phase}": seconds for phase, seconds in results.get("timings", {}).items()}}
 
@@ -335,8 +344,13 @@ def publish_run(tracker: Tracker, run_id: str, run_dir: Path, cfg_dict: dict, ex
         tracker.log_metric_records(run_id, step_metrics(json.loads(unsent.read_text()),
                                                         after=tracker.last_logged_step(run_id)))
     if "test/mae/all" not in tracker.run(run_id).data.metrics:
-        tracker.log_metrics(run_id, result_metrics(results))
-        tracker.set_tags(run_id, {"selected_route": results["selected_route"]})
+        # At the last epoch's step, so that the test figures sit at the end of the epoch curves.
+        tracker.log_metrics(run_id, result_metrics(results), step=history[-1]["epoch"] if history else 0)
+        selected = results[results["selected_route"]]
+        tracker.set_tags(run_id, {"selected_route": results["selected_route"], NOTE: run_note(cfg_dict) +
+                                  f"\n\nTest MAE {selected['mae/all']:.2f} (few-shot {selected['mae/few']:.2f}), "
+                                  f"bMAE {selected['bmae/all']:.2f}; route `{results['selected_route']}`, chosen on "
+                                  f"validation; best epoch {results['best_epoch']}."})
     held = tracker.artifact_paths(run_id)
     if "test_shot_table.md" not in held:
         tracker.log_text(run_id, "# Test shot table\n\n```\n" + format_shot_table({cfg_dict["method"]: results})
@@ -360,9 +374,23 @@ def server_unreachable(err: BaseException) -> bool:
     return isinstance(err, MlflowException) and str(err).startswith("API request to")
 
 
-def provenance_tags(cfg, dataset: str) -> dict:
-    return {"dataset": dataset, "method": cfg.method, "groupdir_version": __version__,
-            "git_commit": git_commit(), "workers": str(cfg.workers)}
+def provenance_tags(cfg, dataset: str, command: str = "groupdir train") -> dict:
+    """The tags every run gets: what it trains on and with, and where the code came from (MLflow's
+    own mlflow.source.* tags fill the UI's Source column; mlflow.note.content is its description)."""
+    commit = git_commit()
+    return {"dataset": dataset, "method": cfg.method, "groupdir_version": __version__, "git_commit": commit,
+            "workers": str(cfg.workers), "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": commit, NOTE: run_note(cfg.to_dict(), dataset)}
+
+
+def run_note(cfg_dict: dict, dataset: str = "") -> str:
+    """A run's description in the MLflow UI (its results are added at the end)."""
+    data = dataset or Path(cfg_dict["data"]).name
+    return (f"**{cfg_dict['method']}** on `{data}` ({cfg_dict['data']}): {cfg_dict['epochs']} epochs, "
+            f"{cfg_dict['workers']} worker(s), backbone {cfg_dict['backbone']} at {cfg_dict['image_size']} px, "
+            f"batch {cfg_dict['batch_size']}" + (f", {cfg_dict['num_groups']} groups" if cfg_dict["method"] == "groupdir" else "")
+            + ". Metrics: `step/*` every log_every steps, `train/*` and `val/*` per epoch, `test/*` the route "
+              "validation selected, `routes/*` every route, `reference/*` oracle routes (not results).")
 
 
 def git_commit() -> str:

@@ -5,6 +5,7 @@ import pytest
 from mlflow import MlflowClient
 
 from groupdir.atomic import write_json_atomic
+from groupdir.config import Config
 from groupdir.errors import ConfigError
 from groupdir.metrics import shot_metrics
 from groupdir.tracking import RunLogger, Tracker, check_reachable, publish_run, resolve_uri, step_metrics
@@ -105,7 +106,7 @@ def test_metrics_wait_while_the_server_is_away_and_a_replay_sends_each_once(stor
     history = [{"epoch": 1, "train/total": 3.0}, {"epoch": 2, "train/total": 2.0}]
     run_dir = finished_run_folder(tmp_path / "run", history, unsent)
     for _ in range(2):  # the end of the run, then a rerun of the command: nothing twice
-        publish_run(tracker, run_id, run_dir, {"method": "groupdir", "lr": 0.1})
+        publish_run(tracker, run_id, run_dir, {**Config().to_dict(), "data": str(tmp_path / "synth")})
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(run_id, "train/total")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run_id, "step/total")] == [5, 10]
@@ -113,9 +114,12 @@ def test_metrics_wait_while_the_server_is_away_and_a_replay_sends_each_once(stor
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     assert metrics["test/mae/all"] == 1.2 and run.data.tags["selected_route"] == "adjusted"
-    assert metrics["test/oracle/mae/all"] == 0.4 and len(client.get_metric_history(run_id, "test/mae/all")) == 1
+    assert metrics["reference/oracle/mae/all"] == 0.4 and metrics["routes/predicted/mae/all"] == pytest.approx(0.5 / 3)
+    assert [m.step for m in client.get_metric_history(run_id, "test/mae/all")] == [2]  # once, at the last epoch
+    assert not any("/n/" in key for key in metrics)
     assert metrics["calibration/tau"] == 0.7 and metrics["best_val/bmae/all"] == 2.5 and metrics["crt/steps"] == 30
-    assert not any(key.startswith(("test/validation", "test/calibration", "test/classifier")) for key in metrics)
+    assert not any(key.startswith(("test/validation", "test/calibration", "test/classifier", "test/oracle"))
+                   for key in metrics)
     assert {a.path for a in client.list_artifacts(run_id)} == {"checkpoint.pt", "config.yaml", "test_shot_table.md",
                                                                  "plots"}
     assert "adjusted tau 0.7 *" in Path(client.download_artifacts(run_id, "test_shot_table.md", str(tmp_path))).read_text()

@@ -162,8 +162,12 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     assert run.data.tags["selected_route"] == selected
     assert metrics["test/mae/few"] == pytest.approx(results[selected]["mae/few"])  # the headline
     for route in ("predicted", "soft", "adjusted", "adjusted_soft", "oracle", "centroid"):
-        assert metrics[f"test/{route}/bmae/all"] == pytest.approx(results[route]["bmae/all"]), route
-    assert metrics["test/oracle/group_acc"] == 1.0
+        group = "reference" if route in ("oracle", "centroid") else "routes"
+        assert metrics[f"{group}/{route}/bmae/all"] == pytest.approx(results[route]["bmae/all"]), route
+    assert metrics["reference/oracle/group_acc"] == 1.0
+    assert not any("/n/" in key for key in metrics)  # sample counts are in the shot table, not metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/mae/all")] == [2]  # the last epoch
+    assert "Test MAE" in tags["mlflow.note.content"] and tags["mlflow.source.name"] == "groupdir train"
     assert metrics["calibration/tau"] == results["calibration"]["tau"]
     assert any(key.startswith("system/cpu") for key in metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

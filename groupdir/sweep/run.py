@@ -18,7 +18,7 @@ from groupdir.driver import fit_resources, preflight, ray_session, resolve_paths
 from groupdir.errors import ConfigError, GroupingError
 from groupdir.sweep.space import SweepSpec, candidates, refused, short
 from groupdir.sweep.summary import summarize, trial_rows
-from groupdir.tracking import Tracker, check_reachable, provenance_tags
+from groupdir.tracking import NOTE, Tracker, check_reachable, provenance_tags
 
 RECORD = "sweep.json"
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes: a Python process with torch imported
@@ -51,7 +51,11 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
              "sweep/space_file": spec.space_file, "sweep/trials": spec.total_trials, "sweep/seed": spec.seed,
              "sweep/asha": f"grace {spec.grace_period}, factor {spec.reduction_factor:g}" if spec.grace_period else "off",
              "sweep/max_concurrent": concurrent},
-            {**provenance_tags(cfg, dataset), "kind": "sweep"},
+            {**provenance_tags(cfg, dataset, "groupdir tune"), "kind": "sweep",
+             NOTE: f"Sweep `{spec.name}` ({spec.space_file}): {spec.total_trials} trials over "
+                   f"{', '.join(p.key for p in spec.params)}, ranked by validation {cfg.select_metric}. Its trials "
+                   f"are nested under it; the best trial's settings and results (`best/*`) and the table of all "
+                   f"trials (trials.md) come at the end."},
             previous["mlflow_run_id"] if previous else "")
         sweep_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(sweep_dir / RECORD, {"mlflow_run_id": parent_id, "spec": spec.to_dict(),
@@ -231,7 +235,7 @@ def run_trial(params: dict, job: dict) -> None:
 
 def trial_tags(cfg: Config, job: dict, trial_id: str) -> dict:
 
-    return {**provenance_tags(cfg, job["dataset"]), "mlflow.parentRunId": job["parent_run_id"],
+    return {**provenance_tags(cfg, job["dataset"], "groupdir tune"), "mlflow.parentRunId": job["parent_run_id"],
             "sweep": job["sweep"], "trial_id": trial_id, "kind": "trial"}
 
 
