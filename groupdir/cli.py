@@ -201,7 +201,22 @@ def cmd_train(args) -> int:
     results = train(cfg, run_dir, force=args.force)
     print(format_shot_table({cfg.method: results}))
     print(f"results: {run_dir / 'results.json'}   checkpoint: {run_dir / 'checkpoint.pt'}")
+    print(f"MLflow: {run_link(cfg, run_dir)}")
     return 0
+
+
+def run_link(cfg, run_dir: Path) -> str:
+    """Where the run is in MLflow: its page on a tracking server, else its id and store."""
+    import json
+
+    from groupdir.driver import RUN_RECORD
+    from groupdir.tracking import Tracker
+
+    run_id = json.loads((run_dir / RUN_RECORD).read_text())["mlflow_run_id"]
+    if not cfg.tracking_uri.startswith(("http://", "https://")):
+        return f"run {run_id}, experiment '{cfg.experiment}' in {cfg.tracking_uri}"
+    experiment_id = Tracker(cfg.tracking_uri).run(run_id).info.experiment_id
+    return f"{cfg.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def load_training_config(path, overrides, data=None, address=None):

@@ -14,10 +14,8 @@ def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, worke
     """Returns both runs' test results (`groupdir eval`'s), by method."""
     import time
 
-    import ray
-
     from groupdir.data import synthetic_shards
-    from groupdir.driver import train
+    from groupdir.driver import ray_session, train
     from groupdir.evaluation import evaluate_checkpoint
     from groupdir.metrics import format_shot_table
     from groupdir.tracking import resolve_uri
@@ -35,18 +33,15 @@ def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, worke
     lap("data")
     scale = {"data": str(shards), "epochs": epochs, "workers": workers, "experiment": demo.experiment,
              "tracking_uri": resolve_uri(tracking_uri)}
-    ray.init(num_cpus=workers, logging_level="WARNING")  # one local Ray for both runs
-    lap("ray")
     trained = {}
-    try:
+    with ray_session(num_cpus=workers):  # one local Ray for both runs
+        lap("ray")
         for method, config in (("groupdir", "demo"), ("vanilla", None)):
             print(f"\n== training {method}{f' (--config {config})' if config else ''}: {epochs} epochs on "
                   f"{workers} Ray workers ==", flush=True)
             cfg = load_config(config, {**scale, "method": method})
             trained[method] = train(cfg, out / method, force=True)  # the demo's own run folders are scratch
             lap(method)
-    finally:
-        ray.shutdown()
     print("\n== groupdir eval: both checkpoints on the test split ==", flush=True)
     runs = {method: evaluate_checkpoint(out / method / "checkpoint.pt", str(shards), "test")
             for method in ("groupdir", "vanilla")}

@@ -224,12 +224,14 @@ def ray_session(address: str = "", num_cpus: int | None = None):
     if ray.is_initialized():
         yield
         return
-    # The console shows groupdir's lines and Ray's errors only; Ray's own logs stay in its session
-    # folder (/tmp/ray/session_latest/logs). On one machine nothing can be preempted, and Ray Train's
-    # preemption watcher only adds an internal error line to the console (its actor's arguments in
-    # the object store); on a cluster it stays on.
-    local = {} if address else {"runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}}
-    ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.ERROR, **local)
+    # The console shows groupdir's lines, rank 0's progress bar and Ray's errors only; Ray's own logs
+    # stay in its session folder (/tmp/ray/session_latest/logs). Ray Train turns a worker's print()
+    # into a log record, which would swallow the progress bar's updates (Ray's tqdm prints them for
+    # the driver to draw). On one machine nothing can be preempted, and Ray Train's preemption
+    # watcher only adds an internal error line to the console; on a cluster it stays on.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if address else {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})}
+    ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.ERROR,
+             runtime_env={"env_vars": env_vars})
     try:
         yield
     finally:

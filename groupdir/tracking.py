@@ -41,9 +41,10 @@ STEP_MARKER = "step/total"  # logged every log_every steps; its last step says w
 BATCH_LIMIT = 1000  # metrics per MLflow log_batch call
 # MLflow retries a failed HTTP request 7 times, up to 2 minutes apart, so a call to an absent server
 # hangs for minutes. groupdir waits in its own way (RunLogger, publish_run): each call fails fast.
-# MLflow takes these settings only from the environment.
+# MLflow also prints two links whenever a run ends (each sweep trial's too); the train command
+# prints the run once. MLflow takes these settings only from the environment.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def resolve_uri(uri: str) -> str:
@@ -283,8 +284,9 @@ class RunLogger:
         """Send what waits; when the server does not answer, leave it waiting for the next try."""
         try:
             if self.logged is None:  # what MLflow holds from before a worker restart
-                self.logged = self.tracker.logged_epochs(self.run_id)
-                self.last_step = self.tracker.last_logged_step(self.run_id)
+                logged, last_step = self.tracker.logged_epochs(self.run_id), self.tracker.last_logged_step(self.run_id)
+                with self.lock:
+                    self.logged, self.last_step = logged, last_step
             with self.lock:
                 epochs, steps = self.epochs[:], self.steps[:]
             records = epoch_metrics(epochs, skip=self.logged) + step_metrics(steps, after=self.last_step)
@@ -299,11 +301,12 @@ class RunLogger:
                     part = steps[start:start + 100]
                     self.tracker.log_metric_records(self.run_id, step_metrics(part, after=self.last_step))
                     self._sent([], part)
-        except Exception as err:  # connection refused, a timeout, a 5xx: all wait for the next try
+        except Exception as err:  # refused, a timeout, a 5xx, a locked sqlite file: all wait for the next try
             if self.unreachable_since is None:
                 self.unreachable_since = time.monotonic()
-                self.say(f"warning: MLflow at {self.tracker.uri} does not answer ({type(err).__name__}); "
-                         f"training goes on, its metrics wait and are sent when it is back")
+                reason = "does not answer" if server_unreachable(err) else f"failed: {type(err).__name__}: {str(err)[:300]}"
+                self.say(f"warning: MLflow at {self.tracker.uri} {reason}; training goes on, its metrics wait "
+                         f"and are sent when it is back")
             return
         if self.unreachable_since is not None:
             self.say(f"MLflow answers again after {time.monotonic() - self.unreachable_since:.0f} s; "
@@ -315,8 +318,8 @@ class RunLogger:
         """`epochs` and `steps`, the front of their queues, are in MLflow."""
         with self.lock:
             del self.epochs[:len(epochs)], self.steps[:len(steps)]
-        self.logged |= {record["epoch"] for record in epochs}
-        self.last_step = max([self.last_step] + [record["step"] for record in steps])
+            self.logged |= {record["epoch"] for record in epochs}
+            self.last_step = max([self.last_step] + [record["step"] for record in steps])
 
     def _keep_monitoring(self) -> None:
         """CPU, memory and GPU use every 5 s, continuing the run's step numbers after a restart or
