@@ -46,7 +46,7 @@ def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
                  "--split", "val", "--json", str(tmp_path / "val.json")]) == 0
     out, err = capsys.readouterr()
     assert "adjusted_soft tau" in out
-    assert err.splitlines()[0].startswith("batches predicted: 0/") and "\r" not in err
+    assert "\nbatches predicted: 0/" in f"\n{err}" and "\r" not in err  # stderr is no terminal here
     evaluated = json.loads((tmp_path / "val.json").read_text())
     assert "mae/all" in evaluated["predicted"] and evaluated["selected_route"] == "predicted"
     assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
