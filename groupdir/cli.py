@@ -10,14 +10,16 @@ from pathlib import Path
 
 from groupdir.config import BACKBONES, PRESET_CSV, WRITE_MODES, Config, load_config, packaged_configs
 from groupdir.errors import GroupdirError
+from groupdir.progress import Mode, progress_mode
 
 USER_ERRORS = (GroupdirError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress = progress_mode(args.quiet, sys.stderr.isatty())
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args, progress)
     except USER_ERRORS as err:
         print(f"groupdir {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groupdir", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines (before "
+                        "the command: groupdir --quiet synth ...); results and errors are still printed")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (add_data_commands, add_training_commands, add_tune_command, add_bench_commands, add_server_command):
         add(commands)
@@ -166,31 +170,31 @@ def add_server_command(commands) -> None:
     server.add_argument("--workers", type=int, default=2, help="web server processes (default 2)")
 
 
-def cmd_synth(args) -> int:
+def cmd_synth(args, progress: Mode) -> int:
     from groupdir.data.synth import SynthSpec, write_synth
 
     started = time.perf_counter()
     csv = write_synth(args.out, SynthSpec(train=args.train, seed=args.seed, image_size=args.image_size,
-                                          eval_cap=args.eval_cap), force=args.force)
+                                          eval_cap=args.eval_cap), force=args.force, progress=progress)
     print(f"wrote {csv} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args, progress: Mode) -> int:
     from groupdir.data.shards import Encoding, prepare
 
     started = time.perf_counter()
     meta = prepare(args.root, args.out, args.dataset, args.csv,
                    Encoding(args.max_resolution, args.jpeg_quality, args.write_mode), workers=args.workers,
                    num_shards=args.num_shards, force=args.force, skip_bad=args.skip_bad,
-                   label_bin_width=args.label_bin_width)
+                   label_bin_width=args.label_bin_width, progress=progress)
     rows = ", ".join(f"{split} {count}" for split, count in meta["rows"].items())
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f} s: {rows} rows"
           + (f"; skipped {len(meta['skipped'])} bad row(s), listed in meta.json" if meta["skipped"] else ""))
     return 0
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, progress: Mode) -> int:
     from groupdir.driver import train
     from groupdir.metrics import format_shot_table
 
@@ -198,7 +202,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"run folder {run_dir} (rerun with --out {run_dir} to resume after a crash); MLflow: {cfg.tracking_uri}",
           flush=True)
-    results = train(cfg, run_dir, force=args.force)
+    results = train(cfg, run_dir, progress=progress, force=args.force)
     print(format_shot_table({cfg.method: results}))
     print(f"results: {run_dir / 'results.json'}   checkpoint: {run_dir / 'checkpoint.pt'}")
     print(f"MLflow: {run_link(cfg, run_dir)}")
@@ -238,7 +242,7 @@ def environment_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
-def cmd_config(args) -> int:
+def cmd_config(args, progress: Mode) -> int:
     import yaml
 
     from groupdir.config import config_reference
@@ -250,14 +254,14 @@ def cmd_config(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args, progress: Mode) -> int:
     from groupdir.atomic import write_json_atomic
     from groupdir.evaluation import evaluate_checkpoint
     from groupdir.metrics import format_shot_table
 
     if args.json and Path(args.json).exists() and not args.force:
         raise FileExistsError(f"{args.json} exists; pass --force to replace it")
-    results = evaluate_checkpoint(args.checkpoint, args.data, args.split)
+    results = evaluate_checkpoint(args.checkpoint, args.data, args.split, progress=progress)
     print(f"{args.split} split of {args.data}")
     print(format_shot_table({Path(args.checkpoint).parent.name: results}))
     if args.json:
@@ -265,14 +269,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args, progress: Mode) -> int:
     from groupdir.demo import run_demo
 
-    run_demo(Path(args.out), args.train, args.epochs, args.workers, environment_tracking_uri())
+    run_demo(Path(args.out), args.train, args.epochs, args.workers, environment_tracking_uri(), progress)
     return 0
 
 
-def cmd_tune(args) -> int:
+def cmd_tune(args, progress: Mode) -> int:
     from groupdir import sweep
     from groupdir.data import synthetic_shards
 
@@ -281,7 +285,7 @@ def cmd_tune(args) -> int:
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in extra.items() if value]
     cfg = with_tracking_uri(sweep.sweep_config(spec, overrides))  # a bad space stops here, before data or Ray
     if not cfg.data:  # the embedded default
-        cfg = cfg.replace(data=str(synthetic_shards(Path("demo"))))
+        cfg = cfg.replace(data=str(synthetic_shards(Path("demo"), progress=progress)))
     out = Path(args.out or f"runs/sweeps/{spec.name}")
     try:
         summary = sweep.run_sweep(spec, cfg, out, resume=args.resume)
@@ -304,32 +308,33 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args, progress: Mode) -> int:
     from groupdir import bench
 
     tracking_uri = environment_tracking_uri()
     if args.kind == "loader":
         bench.bench_loader(Path(args.out), images=args.images, sizes=args.sizes, workers=args.workers,
-                           batch_size=args.batch_size, epochs=args.epochs)
+                           batch_size=args.batch_size, epochs=args.epochs, progress=progress)
     elif args.kind == "method":
         bench.bench_method(Path(args.out), seeds=args.seeds, train_size=args.train, epochs=args.epochs,
                            concurrent=args.concurrent, overrides=args.overrides, tracking_uri=tracking_uri,
-                           methods=args.methods, data=args.data, shots=tuple(args.shots) if args.shots else None)
+                           methods=args.methods, data=args.data, shots=tuple(args.shots) if args.shots else None,
+                           progress=progress)
     elif args.kind == "loss":
         bench.bench_loss(Path(args.out), batch_sizes=args.batch_sizes, dims=args.dims, repeats=args.repeats,
-                         naive_max=args.naive_max)
+                         naive_max=args.naive_max, progress=progress)
     elif args.kind == "train":
         bench.bench_train(Path(args.out), worker_counts=tuple(args.workers), train_size=args.train,
                           epochs=args.epochs, batch_size=args.batch_size, overrides=args.overrides,
-                          tracking_uri=tracking_uri, data=args.data)
+                          tracking_uri=tracking_uri, data=args.data, progress=progress)
     else:
         bench.bench_ceiling(Path(args.out), backbone=args.backbone, image_size=args.image_size,
                             batch_size=args.batch_size, steps=args.steps, loader_workers=args.loader_workers,
-                            images=args.images, source_size=args.source_size)
+                            images=args.images, source_size=args.source_size, progress=progress)
     return 0
 
 
-def cmd_mlflow_server(args) -> int:
+def cmd_mlflow_server(args, progress: Mode) -> int:
     from groupdir.server import MlflowServer, answers, server_uri
 
     if answers(server_uri(args.host, args.port)):

@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from groupdir.config import load_config
+from groupdir.progress import Mode
 
 
 def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, workers: int | None = None,
-             tracking_uri: str = "") -> dict:
-    """Returns both runs' test results (`groupdir eval`'s), by method."""
+             tracking_uri: str = "", progress: Mode = "off") -> dict:
+    """Returns both runs' test results (`groupdir eval`'s), by method. `progress` shows the data's
+    writing and encoding and the evaluation, and (unless off) each run's line per epoch."""
     import time
 
     from groupdir.data import synthetic_shards
@@ -29,7 +31,7 @@ def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, worke
         nonlocal clock
         seconds[phase], clock = time.perf_counter() - clock, time.perf_counter()
 
-    shards = synthetic_shards(out, train_size)
+    shards = synthetic_shards(out, train_size, progress=progress)
     lap("data")
     scale = {"data": str(shards), "epochs": epochs, "workers": workers, "experiment": demo.experiment,
              "tracking_uri": resolve_uri(tracking_uri)}
@@ -40,10 +42,11 @@ def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, worke
             print(f"\n== training {method}{f' (--config {config})' if config else ''}: {epochs} epochs on "
                   f"{workers} Ray workers ==", flush=True)
             cfg = load_config(config, {**scale, "method": method})
-            trained[method] = train(cfg, out / method, force=True)  # the demo's own run folders are scratch
+            # the demo's own run folders are scratch
+            trained[method] = train(cfg, out / method, progress=progress, force=True)
             lap(method)
     print("\n== groupdir eval: both checkpoints on the test split ==", flush=True)
-    runs = {method: evaluate_checkpoint(out / method / "checkpoint.pt", str(shards), "test")
+    runs = {method: evaluate_checkpoint(out / method / "checkpoint.pt", str(shards), "test", progress=progress)
             for method in ("groupdir", "vanilla")}
     lap("eval")
     print(f"Test split, balanced over ages; shots by training count (many > {cfg.many_shot}, few < {cfg.few_shot}):")

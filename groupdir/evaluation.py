@@ -40,6 +40,7 @@ from groupdir.labels import label_bins, shot_of_bins
 from groupdir.losses import soft_group_labels
 from groupdir.metrics import error_metrics, group_metrics, shot_metrics
 from groupdir.model import DIRNet
+from groupdir.progress import Mode, Progress
 
 TEST_ROUTES = ROUTES                     # selectable: they read no label
 REFERENCE_ROUTES = ("oracle", "centroid")  # they read the true group: never a test result
@@ -75,22 +76,26 @@ class Calibration:
 
 
 @torch.no_grad()
-def predict(net, loader, device: torch.device, features: bool = False, root_only: bool = False) -> Outputs | None:
+def predict(net, loader, device: torch.device, features: bool = False, root_only: bool = False,
+            progress: Mode = "off") -> Outputs | None:
     """The model over a whole split, in evaluation mode: each worker predicts its slice, the slices
-    are gathered, every row once (on rank 0 alone with `root_only`: None elsewhere)."""
+    are gathered, every row once (on rank 0 alone with `root_only`: None elsewhere). `progress`
+    shows the batches predicted (`groupdir eval`; training workers leave it off)."""
     from groupdir.model import forward
 
     net.eval()
     pieces: dict[str, list] = {"target": [], "experts": [], "logits": [], "features": [], "rows": []}
-    for images, labels, rows in loader:
-        output = forward(net, images, device)
-        pieces["experts"].append(output.experts.float().cpu().numpy())
-        if output.group_logits is not None:
-            pieces["logits"].append(output.group_logits.float().cpu().numpy())
-        if features:
-            pieces["features"].append(output.features.float().cpu().numpy())
-        pieces["target"].append(labels.numpy())
-        pieces["rows"].append(np.asarray(rows))
+    with Progress(len(loader), "batches predicted", progress) as predicted:
+        for images, labels, rows in loader:
+            output = forward(net, images, device)
+            pieces["experts"].append(output.experts.float().cpu().numpy())
+            if output.group_logits is not None:
+                pieces["logits"].append(output.group_logits.float().cpu().numpy())
+            if features:
+                pieces["features"].append(output.features.float().cpu().numpy())
+            pieces["target"].append(labels.numpy())
+            pieces["rows"].append(np.asarray(rows))
+            predicted.update()
     arrays = {name: np.concatenate(values) for name, values in pieces.items() if values and name != "rows"}
     arrays = gather_rows(arrays, np.concatenate(pieces["rows"]), root_only)
     if arrays is None:
@@ -278,10 +283,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DI
 
 
 def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_size: int | None = None,
-                        device: str | None = None, shots: tuple[int, int] | None = None) -> dict:
+                        device: str | None = None, shots: tuple[int, int] | None = None,
+                        progress: Mode = "off") -> dict:
     """`groupdir eval`: the checkpoint's model on a split of a data root, every route, with the
     calibration chosen on validation when it was trained; one process. `shots`: other (many, few)
-    thresholds of the shot metrics than the run's."""
+    thresholds of the shot metrics than the run's. `progress` shows the batches predicted."""
     from groupdir.config import build
     from groupdir.data import open_data
 
@@ -289,6 +295,7 @@ def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_
     model, saved = load_model(path, target_device)
     cfg = build({**saved["config"], "data": str(data), **({"batch_size": batch_size} if batch_size else {}),
                  **({"many_shot": shots[0], "few_shot": shots[1]} if shots else {})})
-    outputs = predict(model, open_data(cfg, [split], augmented=None, device=target_device)[1][split], target_device)
+    loader = open_data(cfg, [split], augmented=None, device=target_device)[1][split]
+    outputs = predict(model, loader, target_device, progress=progress)
     return route_metrics(outputs, Grouping(tuple(saved["group_edges"])), saved["train_labels"].numpy(), cfg,
                          Calibration.from_dict(saved["calibration"]))

@@ -157,3 +157,15 @@ def test_bench_loss_times_every_backend_beside_the_matmul_floor(tmp_path):
     assert rows[0][3] != "-" and rows[0][5].endswith("x")  # naive timed at B = 16 ...
     assert rows[1][3] == "-" and rows[1][5] == "-"          # ... and skipped above naive_max
     assert (tmp_path / "loss" / "loss.md").read_text() == text  # the folder is made
+
+
+def test_bench_loss_prints_each_row_as_measured_and_its_progress_apart(tmp_path, capsys):
+    from groupdir.bench import bench_loss
+
+    text = bench_loss(tmp_path, batch_sizes=(8, 16), dims=(4,), repeats=1, naive_max=8, progress="lines")
+    out, err = capsys.readouterr()
+    rows = [line for line in text.splitlines() if line.startswith("| 4 |")]
+    assert out.index(rows[0]) < out.index(rows[1]) < out.index("Contrastive loss")  # each row as it is measured
+    assert err.splitlines()[0] == "cases measured: 0/2" and err.splitlines()[-1].startswith("cases measured: 2/2 in ")
+    bench_loss(tmp_path, batch_sizes=(8,), dims=(4,), repeats=1)
+    assert capsys.readouterr().err == ""

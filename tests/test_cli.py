@@ -7,9 +7,6 @@ import torch
 from groupdir.cli import main
 from helpers import TRAIN_ROWS, steps_per_epoch
 
-pytestmark = pytest.mark.slow  # every test runs the CLI end to end
-
-
 @pytest.fixture(autouse=True)
 def tracking(tmp_path, monkeypatch):
     """The CLI reads MLFLOW_TRACKING_URI; point it at a store of the test's own."""
@@ -18,6 +15,7 @@ def tracking(tmp_path, monkeypatch):
     return uri
 
 
+@pytest.mark.slow  # trains
 def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     shards = tmp_path / "shards"
     assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards), "--dataset", "synth",
@@ -46,7 +44,9 @@ def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
 
     assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
                  "--split", "val", "--json", str(tmp_path / "val.json")]) == 0
-    assert "adjusted_soft tau" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "adjusted_soft tau" in out
+    assert "\nbatches predicted: 0/" in f"\n{err}" and "\r" not in err  # stderr is no terminal here
     evaluated = json.loads((tmp_path / "val.json").read_text())
     assert "mae/all" in evaluated["predicted"] and evaluated["selected_route"] == "predicted"
     assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tiny_synth),
@@ -65,6 +65,7 @@ def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     assert "old.pt has no route calibration" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts Ray
 def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--config", "papr"]) == 2
     assert "no packaged config of that name; packaged: agedb-dir, agedb-dir-balanced-mse, agedb-dir-conr" in capsys.readouterr().err
@@ -101,6 +102,7 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # ... and before anything was written: a corrected rerun just runs
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tracking):
     import os
     import subprocess
@@ -132,3 +134,26 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tr
     runs = client.search_runs([client.get_experiment_by_name("groupdir").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, resumed
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mae/all")] == [1, 2]
+
+
+def synth_command(out, *flags) -> list[str]:
+    return [*flags, "synth", str(out), "--train", "50", "--image-size", "16", "--eval-cap", "1"]
+
+
+def test_synth_prints_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    assert main(synth_command(tmp_path / "s")) == 0  # pytest's captured stderr is no terminal
+    out, err = capsys.readouterr()
+    images = len((tmp_path / "s" / "synth_age.csv").read_text().splitlines()) - 1
+    lines = err.splitlines()
+    assert "\r" not in err
+    assert lines[0] == f"images written: 0/{images}" and lines[-1].startswith(f"images written: {images}/{images} in ")
+    assert 3 <= len(lines) <= 11
+    assert out.startswith(f"wrote {tmp_path / 's' / 'synth_age.csv'} in ") and out.count("\n") == 1
+
+
+def test_quiet_leaves_the_result_line_alone(tmp_path, capsys):
+    assert main(synth_command(tmp_path / "s", "--quiet")) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"wrote {tmp_path / 's' / 'synth_age.csv'} in ") and out.count("\n") == 1
+    assert main(synth_command(tmp_path / "s", "-q")) == 2  # errors are still printed
+    assert capsys.readouterr().err.startswith("groupdir synth: error: ")

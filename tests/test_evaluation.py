@@ -8,7 +8,7 @@ import torch
 
 from groupdir.config import load_config
 from groupdir.evaluation import (Calibration, Outputs, calibrate, group_centroids, head_prior, label_prior,
-                                 route, route_metrics, target_prior)
+                                 predict, route, route_metrics, target_prior)
 from groupdir.grouping import make_grouping
 
 GROUPING = make_grouping(np.arange(0, 30), 3, "equal_width", (0, 30))  # groups [0,10) [10,20) [20,30)
@@ -114,3 +114,17 @@ def test_a_fixed_route_is_kept_and_vanilla_has_only_the_predicted_route():
 
 def test_group_centroids_are_mean_training_labels():
     np.testing.assert_allclose(group_centroids([1.0, 3.0, 12.0], GROUPING), [2.0, 12.0, 25.0])
+
+
+def test_predict_shows_the_batches_only_when_asked(capsys):
+    from groupdir.model import DIRNet
+
+    net = DIRNet("resnet18", num_groups=3)
+    loader = [(torch.randn(2, 3, 16, 16), torch.tensor([float(2 * b), 2 * b + 1.0]), [2 * b, 2 * b + 1])
+              for b in range(3)]
+    outputs = predict(net, loader, torch.device("cpu"), progress="lines")
+    assert outputs.experts.shape == (6, 3) and outputs.target.tolist() == [0, 1, 2, 3, 4, 5]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "batches predicted: 0/3" and lines[-1].startswith("batches predicted: 3/3 in ")
+    predict(net, loader, torch.device("cpu"))  # as the training workers call it
+    assert capsys.readouterr().err == ""

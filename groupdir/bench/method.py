@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +35,7 @@ from groupdir.atomic import write_json_atomic, write_text_atomic
 from groupdir.config import config_path, load_config, parse_overrides
 from groupdir.data import synthetic_shards
 from groupdir.errors import ConfigError
+from groupdir.progress import Mode, Progress
 from groupdir.tables import markdown_table
 
 class Entry(NamedTuple):
@@ -72,7 +73,7 @@ GOALS = (("mae/few", 0.85, "few-shot MAE at most 0.85x vanilla's"),
 
 def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int = 3, concurrent: int = 2,
                  overrides: list[str] | None = None, tracking_uri: str = "", methods: list[str] | None = None,
-                 data: str = "", shots: tuple[int, int] | None = None) -> str:
+                 data: str = "", shots: tuple[int, int] | None = None, progress: Mode = "off") -> str:
     """Every method (or `methods`) for seeds 0 .. seeds-1 on the same data: `data` (shards or a DIR
     data root), else the demo's synthetic set of `train_size` training faces; the table with paired
     differences and verdicts goes to out/method.md. Finished runs are kept: a rerun resumes.
@@ -80,7 +81,11 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
     `shots` (many, few): the table's shot thresholds instead of the field's 100 / 20 training
     samples per label, which leave a small training set without many-shot ages. Each run's
     checkpoint is evaluated on test again with them: the same model, route and calibration (chosen
-    on validation by a metric over all ages, which shots do not change), other shot metrics."""
+    on validation by a metric over all ages, which shots do not change), other shot metrics.
+
+    `progress` shows the data's writing and encoding, then the methods' runs done (a finished run
+    found in `out` counts at once; pretrainings do not count); each run's start and end is printed
+    as a line either way."""
     from groupdir.checkpoint import RESULTS
     from groupdir.driver import ray_session, train
     from groupdir.tracking import Tracker, check_reachable, resolve_uri
@@ -103,8 +108,10 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
                                   f"pick another --out or delete it")
     else:
         write_json_atomic(out / "settings.json", settings)
-    data = data or str(synthetic_shards(out, train_size))
+    data = data or str(synthetic_shards(out, train_size, progress=progress))
     started = time.perf_counter()
+    jobs = [(name, seed) for seed in range(seeds) for name in methods]
+    runs_done = Progress(len(jobs), "runs done", progress)  # shown while the runs go, below
 
     def run(name: str, seed: int, entry: Entry, stage_one: Future | None = None) -> dict:
         run_dir = out / "runs" / f"{slug(name)}-seed{seed}"
@@ -119,9 +126,9 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
                 raise RuntimeError(f"{name}, seed {seed}: its {entry.pretrained} pretraining failed: {err}") from err
             common["init_from"] = str(out / "runs" / f"{slug(entry.pretrained)}-seed{seed}" / "checkpoint.pt")
         cfg = load_config(entry.config, {**entry.overrides, **common, **parse_overrides(overrides)})
-        print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}", flush=True)
+        runs_done.write(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}")
         results = train(cfg, run_dir, progress="off")
-        print(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}: done", flush=True)
+        runs_done.write(f"[{time.perf_counter() - started:6.0f} s] {name}, seed {seed}: done")
         return results
 
     # The MLflow store and experiment exist before the runs start, so that concurrent runs never race
@@ -131,18 +138,20 @@ def bench_method(out: Path, seeds: int = 3, train_size: int = 4000, epochs: int 
     Tracker(tracking_uri).experiment_id(EXPERIMENT)
     if shots and not load_config(None, parse_overrides(overrides)).select_metric.endswith("/all"):
         raise ConfigError("--shots re-scores finished runs: their select_metric must not depend on shots (use */all)")
-    jobs = [(name, seed) for seed in range(seeds) for name in methods]
-    with ray_session(num_cpus=concurrent), ThreadPoolExecutor(concurrent) as pool:
+    with ray_session(num_cpus=concurrent), ThreadPoolExecutor(concurrent) as pool, runs_done:
         # Pretrainings are queued first: a run waiting for one never holds up the one it waits for.
         stage_one = {(stage, seed): pool.submit(run, stage, seed, PRETRAINING[stage])
                      for seed in range(seeds) for stage in stages}
         futures = [pool.submit(run, name, seed, METHODS[name], stage_one.get((METHODS[name].pretrained, seed)))
                    for name, seed in jobs]
         try:
-            finished = dict(zip(jobs, (future.result() for future in futures)))
+            for future in as_completed(futures):
+                future.result()  # the first run to fail stops the benchmark
+                runs_done.update()
         except BaseException:  # a failed run or Ctrl-C: the runs not started yet never start
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    finished = dict(zip(jobs, (future.result() for future in futures)))
     if shots:
         finished = {(name, seed): rescored(out / "runs" / f"{slug(name)}-seed{seed}", data, shots, run)
                     for (name, seed), run in finished.items()}

@@ -10,6 +10,7 @@ import numpy as np
 from groupdir.data.dir_format import DataError, DIRTable, read_dir_table, resolve_csv
 from groupdir.data.loaders import DIRImageDataset, make_loader
 from groupdir.data.shards import is_shards_dir, shard_labels
+from groupdir.progress import Mode
 
 __all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDataset", "make_loader", "open_data",
            "synthetic_shards"]
@@ -50,11 +51,11 @@ def train_labels(cfg) -> np.ndarray:
 
 
 def synthetic_shards(out: Path, train_size: int = 4000, spec=None, encoding=None, name: str = "shards",
-                     workers: int = -1) -> Path:
+                     workers: int = -1, progress: Mode = "off") -> Path:
     """A synthetic face-age set in out/data and its FFCV shards in out/NAME, each written only if
     missing: the embedded default's data (the demo, a sweep without --data, the benchmarks) by
     default (seed 0, 64 px), or those of `spec` (data.synth.SynthSpec) and `encoding`
-    (data.shards.Encoding)."""
+    (data.shards.Encoding). `progress` shows the writing and encoding."""
     from groupdir.data.shards import Encoding, prepare
     from groupdir.data.synth import SynthSpec, write_synth
 
@@ -63,8 +64,9 @@ def synthetic_shards(out: Path, train_size: int = 4000, spec=None, encoding=None
         print(f"using the synthetic data set already in {data}", flush=True)
     else:
         print(f"writing a synthetic face-age data set to {data} ...", flush=True)
-        write_synth(data, spec or SynthSpec(train=train_size, seed=0), force=True)
+        write_synth(data, spec or SynthSpec(train=train_size, seed=0), force=True, progress=progress)
     if not is_shards_dir(shards):
         print(f"encoding it into FFCV shards in {shards} ...", flush=True)
-        prepare(data, shards, encoding=encoding or Encoding(max_resolution=64), workers=workers, force=True)
+        prepare(data, shards, encoding=encoding or Encoding(max_resolution=64), workers=workers, force=True,
+                progress=progress)
     return shards

@@ -17,6 +17,7 @@ from PIL import Image
 
 from groupdir.config import PRESET_CSV
 from groupdir.errors import DataError
+from groupdir.progress import Mode, Progress
 
 REQUIRED_COLUMNS = ("age", "path", "split")
 SPLITS = ("train", "val", "test")
@@ -58,8 +59,10 @@ def resolve_csv(root: str | Path, dataset: str = "auto", csv: str = "") -> Path:
 
 
 def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
-                   check_images: bool = True, threads: int = 8, skip_bad: bool = False) -> DIRTable:
-    """Read and check every row; bad rows raise DataError, or with skip_bad are left out and listed."""
+                   check_images: bool = True, threads: int = 8, skip_bad: bool = False,
+                   progress: Mode = "off") -> DIRTable:
+    """Read and check every row; bad rows raise DataError, or with skip_bad are left out and listed.
+    `progress` shows the rows validated (their images decoded, the slow part)."""
     root = Path(root)
     csv_path = resolve_csv(root, dataset, csv)
     try:
@@ -86,8 +89,7 @@ def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
 
     paths = [root / p for p in frame["path"]]
     if check_images:
-        with ThreadPoolExecutor(threads) as pool:
-            reasons = list(pool.map(image_problem, paths))
+        reasons = image_problems(paths, threads, progress)
         problems += [(i, f"field 'path': {reason}") for i, reason in enumerate(reasons) if reason and frame["path"][i]]
     problems.sort(key=lambda problem: problem[0])
     if problems and not skip_bad:
@@ -106,6 +108,16 @@ def read_dir_table(root: str | Path, dataset: str = "auto", csv: str = "",
         if len(labels[split]) == 0:
             raise DataError(f"{csv_path}: split {split!r} has no rows")
     return DIRTable(root, csv_path, labels, split_paths, skipped)
+
+
+def image_problems(paths: list[Path], threads: int, progress: Mode) -> list[str | None]:
+    """image_problem of each path, in order, `threads` images at a time."""
+    reasons = []
+    with ThreadPoolExecutor(threads) as pool, Progress(len(paths), "rows validated", progress) as validated:
+        for reason in pool.map(image_problem, paths):
+            reasons.append(reason)
+            validated.update()
+    return reasons
 
 
 def image_problem(path: Path) -> str | None:

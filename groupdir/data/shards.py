@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -27,6 +29,7 @@ from groupdir.config import WRITE_MODES
 from groupdir.data.dir_format import SPLITS, DIRTable, read_dir_table
 from groupdir.errors import ConfigError, DataError
 from groupdir.labels import FEW_SHOT, MANY_SHOT, label_bins, shot_of_bins
+from groupdir.progress import Mode, Progress
 
 META = "meta.json"
 
@@ -48,8 +51,9 @@ def shard_names(split: str, num_shards: int) -> list[str]:
 def prepare(root: str | Path, out: str | Path, dataset: str = "auto", csv: str = "",
             encoding: Encoding | None = None, workers: int = -1, num_shards: int = 1, force: bool = False,
             skip_bad: bool = False, label_bin_width: float = 1.0, many_shot: int = MANY_SHOT,
-            few_shot: int = FEW_SHOT) -> dict:
-    """Validate every row of a DIR data root, encode it into FFCV shards at `out`; return meta.json."""
+            few_shot: int = FEW_SHOT, progress: Mode = "off") -> dict:
+    """Validate every row of a DIR data root, encode it into FFCV shards at `out`; return meta.json.
+    `progress` shows both phases: the rows validated, then the images encoded over every split."""
     encoding = encoding or Encoding()
     out = Path(out).resolve()
     if encoding.write_mode not in WRITE_MODES:
@@ -58,17 +62,36 @@ def prepare(root: str | Path, out: str | Path, dataset: str = "auto", csv: str =
         raise ConfigError(f"--num-shards {num_shards} must be >= 1")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    table = read_dir_table(root, dataset, csv, skip_bad=skip_bad)
+    table = read_dir_table(root, dataset, csv, skip_bad=skip_bad, progress=progress)
     for split in SPLITS:
         if table.size(split) < num_shards:
             raise DataError(f"{table.csv}: split {split!r} has {table.size(split)} rows, fewer than "
                             f"--num-shards {num_shards}")
 
     with atomic_folder(out) as tmp:
-        shards = {split: _write_split(table, split, tmp, encoding, workers, num_shards) for split in SPLITS}
+        images = sum(map(table.size, SPLITS))
+        with Progress(images, "images encoded", progress) as encoded, _ffcv_counts_into(encoded):
+            shards = {split: _write_split(table, split, tmp, encoding, workers, num_shards) for split in SPLITS}
         meta = _meta(table, encoding, shards, label_bin_width, many_shot, few_shot)
         (tmp / META).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+@contextmanager
+def _ffcv_counts_into(encoded: Progress):
+    """FFCV's DatasetWriter (ffcv 1.0.2) draws a tqdm bar of its own per shard, unlabelled, with no
+    switch to turn it off. While shards are written, the `tqdm` it looks up at each write is a stand-in
+    that counts into `encoded`: one display over every split that follows the mode (silent when off,
+    no carriage returns in lines). The swap is process-wide: two prepares in threads of one process
+    would count into each other's display."""
+    import ffcv.writer
+
+    drawn = ffcv.writer.tqdm
+    ffcv.writer.tqdm = lambda total: SimpleNamespace(update=encoded.update, close=lambda: None)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = drawn
 
 
 class _SplitRows:

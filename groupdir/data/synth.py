@@ -20,6 +20,7 @@ from PIL import Image
 
 from groupdir.atomic import atomic_folder
 from groupdir.config import PRESET_CSV
+from groupdir.progress import Mode, Progress
 
 MAX_AGE = 99
 
@@ -122,8 +123,9 @@ def _soft(signed: np.ndarray, sharpness: float) -> np.ndarray:
     return 1 / (1 + np.exp(-np.clip(signed / sharpness, -30, 30)))
 
 
-def write_synth(out: str | Path, spec: SynthSpec, force: bool = False) -> Path:
-    """Write OUT/synth_age.csv and OUT/images/<split>/*.jpg; return the CSV path.
+def write_synth(out: str | Path, spec: SynthSpec, force: bool = False, progress: Mode = "off") -> Path:
+    """Write OUT/synth_age.csv and OUT/images/<split>/*.jpg, showing the images written as
+    `progress` says; return the CSV path.
 
     Everything goes into a temporary folder beside OUT that is renamed when complete, so an
     interrupted run leaves no half-written data set; an existing OUT is replaced only with force.
@@ -134,22 +136,30 @@ def write_synth(out: str | Path, spec: SynthSpec, force: bool = False) -> Path:
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
     with atomic_folder(out) as tmp:
-        _write_files(tmp, spec)
+        _write_files(tmp, spec, progress)
     return out / PRESET_CSV["synth"]
 
 
-def _write_files(folder: Path, spec: SynthSpec) -> None:
+def _write_files(folder: Path, spec: SynthSpec, progress: Mode) -> None:
+    ages = sample_ages(spec)
     rows = []
-    for split_index, (split, ages) in enumerate(sample_ages(spec).items()):
-        (folder / "images" / split).mkdir(parents=True)
-        for index, age in enumerate(ages):
-            rng = np.random.default_rng([spec.seed, split_index, index])
-            relative = f"images/{split}/{index:06d}_{age:02d}.jpg"
-            size = int(rng.integers(spec.image_size, spec.image_size_max + 1)) if spec.image_size_max > spec.image_size \
-                else spec.image_size
-            Image.fromarray(render_face(age, rng, size)).save(folder / relative, quality=spec.jpeg_quality)
-            rows.append((int(age), relative, split))
+    with Progress(sum(map(len, ages.values())), "images written", progress) as written:
+        for split_index, (split, split_ages) in enumerate(ages.items()):
+            (folder / "images" / split).mkdir(parents=True)
+            for index, age in enumerate(split_ages):
+                rows.append(_write_face(folder, spec, split, split_index, index, age))
+                written.update()
     with open(folder / PRESET_CSV["synth"], "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["age", "path", "split"])
         writer.writerows(rows)
+
+
+def _write_face(folder: Path, spec: SynthSpec, split: str, split_index: int, index: int, age: int) -> tuple:
+    """The index-th face of a split as a JPEG; its CSV row (age, path, split)."""
+    rng = np.random.default_rng([spec.seed, split_index, index])
+    relative = f"images/{split}/{index:06d}_{age:02d}.jpg"
+    size = int(rng.integers(spec.image_size, spec.image_size_max + 1)) if spec.image_size_max > spec.image_size \
+        else spec.image_size
+    Image.fromarray(render_face(age, rng, size)).save(folder / relative, quality=spec.jpeg_quality)
+    return int(age), relative, split

@@ -265,3 +265,17 @@ def test_unknown_write_mode_is_refused_before_anything_is_written(tiny_synth, tm
     with pytest.raises(ConfigError, match="write mode 'png' is not one of"):
         prepare(tiny_synth, tmp_path / "out", encoding=Encoding(write_mode="png"))
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_shows_both_phases_as_plain_lines_and_hides_ffcvs_own_bar(tmp_path, capsys):
+    root = small_root(tmp_path / "root")
+    prepare(root, tmp_path / "out", workers=1, progress="lines")
+    err = capsys.readouterr().err
+    assert "\r" not in err  # FFCV's writer draws a tqdm bar of its own unless it is replaced
+    lines = err.splitlines()
+    assert lines[0] == "rows validated: 0/4" and lines[-1].startswith("images encoded: 4/4 in ")
+    assert any(line.startswith("rows validated: 4/4 in ") for line in lines)
+    assert lines.index("images encoded: 0/4") > max(i for i, line in enumerate(lines) if line.startswith("rows"))
+
+    prepare(root, tmp_path / "quiet", workers=1, progress="off")
+    assert capsys.readouterr().err == ""
