@@ -147,7 +147,8 @@ def run_trainer(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_nam
             name=ray_name, storage_path=storage, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+            # The console gets Ray Train's errors only; its session folder's log files keep everything.
+            logging_config=ray.train.LoggingConfig(log_level="ERROR")))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
