@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -279,6 +280,7 @@ def cmd_demo(args, progress: Mode) -> int:
 def cmd_tune(args, progress: Mode) -> int:
     from groupdir import sweep
     from groupdir.data import synthetic_shards
+    from groupdir.tracking import ui_hint
 
     spec = sweep.load_space(args.space, name=args.name or "", trials=args.trials, max_concurrent=args.max_concurrent)
     extra = {"data": args.data, "workers": args.workers_per_trial, "address": args.address}
@@ -304,7 +306,7 @@ def cmd_tune(args, progress: Mode) -> int:
           f"bMAE {best['test'].get('test/bmae/all', float('nan')):.3f}"
           f"\n  checkpoint: {out / 'trials' / best['trial'] / 'checkpoint.pt'}"
           f"\nAll trials: {out / 'trials.csv'}; in MLflow, parent run {summary['mlflow_parent_run_id']}:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000")
+          + ui_hint(cfg.tracking_uri, cfg.experiment))
     return 0
 
 
@@ -340,6 +342,8 @@ def cmd_mlflow_server(args, progress: Mode) -> int:
     if answers(server_uri(args.host, args.port)):
         raise GroupdirError(f"something already answers on {server_uri(args.host, args.port)}; pick another --port")
     server = MlflowServer(args.store, args.host, args.port, args.workers)
+    # A SIGTERM (systemd, kill) must stop the server too: it runs in a process group of its own.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.start()
     print(f"MLflow tracking server on {server.uri} (store {server.store}, its log {server.store / 'server.log'})\n"
           f"  runs:   MLFLOW_TRACKING_URI={server.uri} groupdir train ...   (or tracking_uri={server.uri})\n"

@@ -20,7 +20,7 @@ def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, worke
     from groupdir.driver import ray_session, train
     from groupdir.evaluation import evaluate_checkpoint
     from groupdir.metrics import format_shot_table
-    from groupdir.tracking import resolve_uri
+    from groupdir.tracking import resolve_uri, ui_hint
 
     demo = load_config("demo")
     epochs, workers = epochs or demo.epochs, workers or demo.workers
@@ -53,8 +53,7 @@ def run_demo(out: Path, train_size: int = 4000, epochs: int | None = None, worke
     print(format_shot_table(runs))
     print("\n" + closing_sentence(runs))
     print(f"\nCompare the two runs (experiment '{demo.experiment}') in the MLflow UI:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000\n"
-          f"  then open http://127.0.0.1:5000")
+          + ui_hint(cfg.tracking_uri, demo.experiment))
     print("\n" + phase_table(seconds, {method: results["timings"] for method, results in trained.items()}))
     return runs
 
@@ -83,8 +82,9 @@ def closing_sentence(runs: dict) -> str:
     from groupdir.metrics import selected
 
     ours, theirs = selected(runs["groupdir"]), selected(runs["vanilla"])
+    many = (f"; frequent (many-shot) ages: {ours['mae/many']:.2f} vs {theirs['mae/many']:.2f}" if ours["n/many"]
+            else " (a training set this small has no many-shot age)")
     return (f"Validation selected Group-DIR's {runs['groupdir']['selected_route']} route. On the test split, rare "
             f"(few-shot) ages: MAE {ours['mae/few']:.2f} for Group-DIR, {theirs['mae/few']:.2f} for vanilla; "
-            f"balanced MAE {ours['bmae/all']:.2f} vs {theirs['bmae/all']:.2f}; frequent (many-shot) ages: "
-            f"{ours['mae/many']:.2f} vs {theirs['mae/many']:.2f}. One short CPU run of each; docs/results.md "
-            f"compares them over paired seeds.")
+            f"balanced MAE {ours['bmae/all']:.2f} vs {theirs['bmae/all']:.2f}{many}. One short CPU run of each; "
+            f"docs/results.md compares them over paired seeds.")

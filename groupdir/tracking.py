@@ -178,13 +178,12 @@ class Tracker:
 
 
 def epoch_metrics(history: list[dict], skip: set[int]) -> list:
-    """MLflow metrics of each epoch record not in `skip`, at step = epoch (sample counts, val/n/SHOT,
-    are not metrics: they would draw flat lines)."""
+    """MLflow metrics of each epoch record not in `skip`, at step = epoch (what `charted` keeps)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     return [Metric(key, float(value), now, record["epoch"]) for record in history if record["epoch"] not in skip
-            for key, value in record.items() if _finite(value) and "/n/" not in key]
+            for key, value in record.items() if _finite(value) and charted(key.split("/", 1)[-1])]
 
 
 def step_metrics(steps: list[dict], after: int) -> list:
@@ -195,24 +194,35 @@ def step_metrics(steps: list[dict], after: int) -> list:
             if record["step"] > after for key, value in record.items() if key.startswith("step/") and _finite(value)]
 
 
+ROUTE_SUMMARY = ("mae/all", "mae/few", "bmae/all", "group_acc")  # each route's figures among the metrics
+
+
 def result_metrics(results: dict) -> dict:
-    """test/KEY: the route validation selected (the headline); routes/ROUTE/KEY: every test route
-    on test; reference/ROUTE/KEY: the routes that read the true group (never a test result);
-    best_val/KEY: the delivered model's validation metrics (after classifier re-training);
-    seconds/PHASE: where rank 0's time went. Sample counts (n/SHOT) stay in the shot table."""
+    """test/KEY: the route validation selected (the headline); routes/ROUTE_KEY: a few figures of
+    every test route; reference/ROUTE_KEY: the routes that read the true group (never a test
+    result); best_val/KEY: the delivered model's validation metrics (after classifier re-training);
+    seconds/PHASE: where rank 0's time went. The MLflow UI gives every name prefix (up to the last
+    "/") a chart section of its own, so routes keep one section each of routes/ and reference/;
+    every route's whole table is the artifact test_shot_table.md. Sample counts (n/SHOT) are there too."""
     from groupdir.evaluation import REFERENCE_ROUTES, TEST_ROUTES
 
-    def named(prefix: str, metrics: dict) -> dict:
-        return {f"{prefix}/{key}": value for key, value in metrics.items() if not key.startswith("n/")}
+    def summary(prefix: str, routes: tuple) -> dict:
+        return {f"{prefix}/{route}_{key.replace('/', '_')}": results[route][key] for route in routes if route in results
+                for key in ROUTE_SUMMARY if key in results[route]}
 
-    return {**named("test", results[results["selected_route"]]),
-            **{k: v for route in TEST_ROUTES if route in results for k, v in named(f"routes/{route}", results[route]).items()},
-            **{k: v for route in REFERENCE_ROUTES if route in results
-               for k, v in named(f"reference/{route}", results[route]).items()},
+    return {**{f"test/{key}": value for key, value in results[results["selected_route"]].items() if charted(key)},
+            **summary("routes", TEST_ROUTES), **summary("reference", REFERENCE_ROUTES),
             **{f"calibration/{key}": value for key, value in results["calibration"].items() if key != "shift"},
-            **named("best_val", results["validation"]),
+            **{f"best_val/{key}": value for key, value in results["validation"].items() if charted(key)},
             **results["classifier_retraining"],
             **{f"seconds/{phase}": seconds for phase, seconds in results.get("timings", {}).items()}}
+
+
+def charted(key: str) -> bool:
+    """Whether a metric of the headline route goes to MLflow: not a sample count (n/SHOT: a flat line)
+    nor another route's figure (ROUTE/METRIC/SHOT: a chart section per route); history.json and
+    results.json keep them all."""
+    return not key.startswith("n/") and "/n/" not in key and key.count("/") <= 1
 
 
 class RunLogger:
@@ -349,11 +359,12 @@ def publish_run(tracker: Tracker, run_id: str, run_dir: Path, cfg_dict: dict, ex
     if "test/mae/all" not in tracker.run(run_id).data.metrics:
         # At the last epoch's step, so that the test figures sit at the end of the epoch curves.
         tracker.log_metrics(run_id, result_metrics(results), step=history[-1]["epoch"] if history else 0)
-        selected = results[results["selected_route"]]
-        tracker.set_tags(run_id, {"selected_route": results["selected_route"], NOTE: run_note(cfg_dict) +
-                                  f"\n\nTest MAE {selected['mae/all']:.2f} (few-shot {selected['mae/few']:.2f}), "
+        selected, run = results[results["selected_route"]], tracker.run(run_id)
+        tracker.set_tags(run_id, {"selected_route": results["selected_route"], NOTE:
+                                  f"**Test MAE {selected['mae/all']:.2f}** (few-shot {selected['mae/few']:.2f}), "
                                   f"bMAE {selected['bmae/all']:.2f}; route `{results['selected_route']}`, chosen on "
-                                  f"validation; best epoch {results['best_epoch']}."})
+                                  f"validation; best epoch {results['best_epoch']}.\n\n"
+                                  + run_note(cfg_dict, run.data.tags.get("dataset", ""))})
     held = tracker.artifact_paths(run_id)
     if "test_shot_table.md" not in held:
         tracker.log_text(run_id, "# Test shot table\n\n```\n" + format_shot_table({cfg_dict["method"]: results})
@@ -392,8 +403,20 @@ def run_note(cfg_dict: dict, dataset: str = "") -> str:
     return (f"**{cfg_dict['method']}** on `{data}` ({cfg_dict['data']}): {cfg_dict['epochs']} epochs, "
             f"{cfg_dict['workers']} worker(s), backbone {cfg_dict['backbone']} at {cfg_dict['image_size']} px, "
             f"batch {cfg_dict['batch_size']}" + (f", {cfg_dict['num_groups']} groups" if cfg_dict["method"] == "groupdir" else "")
-            + ". Metrics: `step/*` every log_every steps, `train/*` and `val/*` per epoch, `test/*` the route "
-              "validation selected, `routes/*` every route, `reference/*` oracle routes (not results).")
+            + ". Metrics: `train/*` and `val/*` per epoch (x axis: epoch), `step/*` every log_every optimizer steps "
+              "(x axis: step), `test/*` the route validation selected, `routes/*` every route, `reference/*` the "
+              "routes that read the true group (not results); every route in test_shot_table.md.")
+
+
+def ui_hint(uri: str, experiment: str) -> str:
+    """How to look at `experiment` in the MLflow UI (in its "Model training" view, not MLflow 3's
+    default GenAI one)."""
+    if uri.startswith(("http://", "https://")):
+        found = Tracker(uri).client.get_experiment_by_name(experiment)
+        page = f"#/experiments/{found.experiment_id}/runs" if found else ""
+        return f"  open {uri.rstrip('/')}/{page}?workflowType=machine_learning"
+    return (f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+            f"  then open http://127.0.0.1:5000/?workflowType=machine_learning")
 
 
 def git_commit() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def make_tuner(spec: SweepSpec, cfg: Config, job: dict, concurrent: int, resume:
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, job=job),
                                         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     tune_path = Path(job["sweep_dir"]) / "tune"
+    # Ray's newer console output prints its own boxes and paths even at verbose=0; the sweep prints
+    # its own lines (TrialProgress). Tune reads this setting only from the environment.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume:
         if ray.tune.Tuner.can_restore(str(tune_path)):
             print("resuming: trials that ended are kept, the others go on from their last epoch", flush=True)
