@@ -19,3 +19,8 @@ class GroupingError(GroupdirError, ValueError):
 
 class TrainingError(GroupdirError, RuntimeError):
     """A run that cannot go on (a non-finite loss, an unusable validation metric)."""
+
+
+class CheckpointError(GroupdirError, ValueError):
+    """A checkpoint file that cannot be used here; the message names the file and the mismatch."""
+

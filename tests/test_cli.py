@@ -1,13 +1,15 @@
+"""The command line end to end (slow), and its refusal of unusable checkpoints, which comes before
+the model sees any data (fast)."""
+
 import json
 
+import numpy as np
 import pytest
 import ray
 import torch
 
 from groupdir.cli import main
-from helpers import TRAIN_ROWS, steps_per_epoch
-
-pytestmark = pytest.mark.slow  # every test runs the CLI end to end
+from helpers import TRAIN_ROWS, saved_checkpoint, steps_per_epoch
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +20,7 @@ def tracking(tmp_path, monkeypatch):
     return uri
 
 
+@pytest.mark.slow
 def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     shards = tmp_path / "shards"
     assert main(["prepare", "--root", str(tiny_synth), "--out", str(shards), "--dataset", "synth",
@@ -56,7 +59,7 @@ def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     # A checkpoint that is not one fails with one line, not a traceback.
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(tiny_synth)]) == 2
-    assert "cannot be loaded" in capsys.readouterr().err
+    assert "bad.pt is truncated or not a torch file" in capsys.readouterr().err
     # One from before routes were calibrated is refused, not evaluated with made-up settings.
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     del state["calibration"]
@@ -65,6 +68,7 @@ def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     assert "old.pt has no route calibration" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--config", "papr"]) == 2
     assert "no packaged config of that name; packaged: agedb-dir, agedb-dir-balanced-mse, agedb-dir-conr" in capsys.readouterr().err
@@ -101,6 +105,7 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # ... and before anything was written: a corrected rerun just runs
 
 
+@pytest.mark.slow
 def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tracking):
     import os
     import subprocess
@@ -132,3 +137,23 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tr
     runs = client.search_runs([client.get_experiment_by_name("groupdir").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, resumed
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mae/all")] == [1, 2]
+
+
+# ------------------- refused before any data is read or Ray starts -------------------
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"groupdir {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_eval_refuses_a_truncated_checkpoint_and_data_of_another_label_range(tiny_synth, tmp_path, capsys):
+    narrow = saved_checkpoint(tmp_path / "checkpoint.pt", np.arange(40.0, 61.0), num_groups=4)
+    half = tmp_path / "half.pt"
+    half.write_bytes(narrow.read_bytes()[:narrow.stat().st_size // 2])
+    assert main(["eval", "--checkpoint", str(half), "--data", str(tiny_synth)]) == 2
+    assert f"checkpoint {half} is truncated or not a torch file" in one_line_error(capsys, "eval")
+    assert main(["eval", "--checkpoint", str(narrow), "--data", str(tiny_synth), "--json", str(tmp_path / "m.json")]) == 2
+    assert (f"checkpoint {narrow} was trained for labels 40 to 60 (4 groups); the test split of {tiny_synth} has "
+            f"labels 0 to 99") in one_line_error(capsys, "eval")
+    assert not (tmp_path / "m.json").exists()
