@@ -24,3 +24,6 @@ class TrainingError(GroupdirError, RuntimeError):
 class CheckpointError(GroupdirError, ValueError):
     """A checkpoint file that cannot be used here; the message names the file and the mismatch."""
 
+
+class OutputError(GroupdirError, ValueError):
+    """An output path the command could not write; the message names the path."""
