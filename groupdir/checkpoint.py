@@ -6,6 +6,9 @@ Every epoch ends with a Ray checkpoint (a folder) holding
   file `groupdir eval` and `load_model` read, copied to the run folder at the end;
 - `history.json`, and at the end `results.json` (the test evaluation);
 - or only `stopped.json`: the run stopped for good (a NaN loss), with the reason.
+
+Every reader of a `checkpoint.pt` (eval, load_model, init_from, a restarted run) goes through `load`,
+which refuses a missing, truncated, foreign or corrupt file with a message naming it.
 """
 
 from __future__ import annotations
