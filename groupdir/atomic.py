@@ -1,5 +1,6 @@
 """Writing outputs so that nothing is ever half-written: a temporary path beside the target, renamed
-when complete. Readers see the old version or the new one, never a mix."""
+when complete. Readers see the old version or the new one, never a mix. And before any work starts,
+refusing an output that could not be written at all."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+from groupdir.errors import OutputError
 
 
 @contextmanager
@@ -27,6 +30,26 @@ def atomic_folder(out: Path):
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def check_writable(path: str | Path, atomically: bool = False, file: bool = False) -> None:
+    """Refuses an output the command could not write, naming it, before any data is read or Ray
+    starts: a file where the output folder or one of its parents should be (a folder where an output
+    `file` should be), or a folder this process may not write in. The folder that must be writable
+    is PATH itself for an output folder the command writes in, and PATH's parent for one written
+    `atomically` (beside PATH, then renamed over it: atomic_folder) and for a `file` (always written
+    so); a folder yet to be made needs its nearest existing parent writable."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() == file:
+        raise OutputError(f"cannot write {path}: it is a {'folder' if file else 'file'}, not a "
+                          f"{'file' if file else 'folder'}")
+    written_in = path.parent if atomically or file else path
+    while not written_in.exists():  # exists() is False below a file too: the loop stops at the file
+        written_in = written_in.parent
+    if not written_in.is_dir():
+        raise OutputError(f"cannot write {path}: {written_in} is a file, not a folder")
+    if not os.access(written_in, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: no permission to write in {written_in}")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

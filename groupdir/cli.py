@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from groupdir.atomic import check_writable
 from groupdir.config import BACKBONES, PRESET_CSV, WRITE_MODES, Config, load_config, packaged_configs
 from groupdir.errors import GroupdirError
 from groupdir.progress import Mode, progress_mode
@@ -201,6 +202,7 @@ def cmd_train(args, progress: Mode) -> int:
 
     cfg = load_training_config(args.config, args.overrides, data=args.data, address=args.address)
     run_dir = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_writable(run_dir)
     print(f"run folder {run_dir} (rerun with --out {run_dir} to resume after a crash); MLflow: {cfg.tracking_uri}",
           flush=True)
     results = train(cfg, run_dir, progress=progress, force=args.force)
@@ -260,6 +262,8 @@ def cmd_eval(args, progress: Mode) -> int:
     from groupdir.evaluation import evaluate_checkpoint
     from groupdir.metrics import format_shot_table
 
+    if args.json:
+        check_writable(args.json, file=True)
     if args.json and Path(args.json).exists() and not args.force:
         raise FileExistsError(f"{args.json} exists; pass --force to replace it")
     results = evaluate_checkpoint(args.checkpoint, args.data, args.split, progress=progress)
@@ -273,6 +277,7 @@ def cmd_eval(args, progress: Mode) -> int:
 def cmd_demo(args, progress: Mode) -> int:
     from groupdir.demo import run_demo
 
+    check_writable(args.out)
     run_demo(Path(args.out), args.train, args.epochs, args.workers, environment_tracking_uri(), progress)
     return 0
 
@@ -286,9 +291,11 @@ def cmd_tune(args, progress: Mode) -> int:
     extra = {"data": args.data, "workers": args.workers_per_trial, "address": args.address}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in extra.items() if value]
     cfg = with_tracking_uri(sweep.sweep_config(spec, overrides))  # a bad space stops here, before data or Ray
-    if not cfg.data:  # the embedded default
-        cfg = cfg.replace(data=str(synthetic_shards(Path("demo"), progress=progress)))
     out = Path(args.out or f"runs/sweeps/{spec.name}")
+    check_writable(out)
+    if not cfg.data:  # the embedded default: the demo's synthetic shards, written to demo/ when missing
+        check_writable("demo")
+        cfg = cfg.replace(data=str(synthetic_shards(Path("demo"), progress=progress)))
     try:
         summary = sweep.run_sweep(spec, cfg, out, resume=args.resume)
     except KeyboardInterrupt:
@@ -313,6 +320,7 @@ def cmd_tune(args, progress: Mode) -> int:
 def cmd_bench(args, progress: Mode) -> int:
     from groupdir import bench
 
+    check_writable(args.out)
     tracking_uri = environment_tracking_uri()
     if args.kind == "loader":
         bench.bench_loader(Path(args.out), images=args.images, sizes=args.sizes, workers=args.workers,

@@ -181,12 +181,12 @@ def preflight(cfg: Config) -> str:
         raise ConfigError("no data: pass --data DATA (FFCV shards or a DIR data root)")
     labels = train_labels(cfg)
     recipe.supervision(cfg, labels)  # raises on more groups than labels, a bad LDS setting
-    if cfg.init_from:
-        checkpoint.encoder_weights(cfg.init_from, cfg.backbone)  # the file exists and fits this backbone
     try:
-        build_model(cfg, labels)  # FDS's label bins and Balanced MSE's GMM come from the training labels
+        net = build_model(cfg, labels)  # FDS's label bins and Balanced MSE's GMM come from the training labels
     except ValueError as err:
         raise ConfigError(f"method={cfg.method}{' fds=true' if cfg.fds else ''} on these training labels: {err}") from None
+    if cfg.init_from:
+        checkpoint.load_encoder(net, cfg.init_from, cfg.backbone)  # a checkpoint whose encoder fits this model
     if len(labels) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training rows: no full batch")
     if is_shards_dir(cfg.data):

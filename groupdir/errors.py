@@ -19,3 +19,11 @@ class GroupingError(GroupdirError, ValueError):
 
 class TrainingError(GroupdirError, RuntimeError):
     """A run that cannot go on (a non-finite loss, an unusable validation metric)."""
+
+
+class CheckpointError(GroupdirError, ValueError):
+    """A checkpoint file that cannot be used here; the message names the file and the mismatch."""
+
+
+class OutputError(GroupdirError, ValueError):
+    """An output path the command could not write; the message names the path."""

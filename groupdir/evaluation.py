@@ -34,7 +34,7 @@ import torch
 from groupdir import __version__
 from groupdir.config import ROUTES, Config
 from groupdir.distributed import gather_rows
-from groupdir.errors import TrainingError
+from groupdir.errors import CheckpointError
 from groupdir.grouping import Grouping
 from groupdir.labels import label_bins, shot_of_bins
 from groupdir.losses import soft_group_labels
@@ -274,11 +274,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DI
 
     saved = checkpoint.load(path)
     if "calibration" not in saved:
-        raise TrainingError(f"checkpoint {path} has no route calibration (it predates groupdir "
-                            f"{__version__}); train it again")
+        raise CheckpointError(f"checkpoint {path} has no route calibration (it predates groupdir "
+                              f"{__version__}); train it again")
     cfg = build(saved["config"])
     model = build_model(cfg, saved["train_labels"].numpy())
-    model.load_state_dict(saved["model"])
+    checkpoint.load_weights(model, saved["model"], path, f"{cfg.method} model")
     return model.to(device).eval(), saved
 
 
@@ -287,14 +287,17 @@ def evaluate_checkpoint(path: str | Path, data: str, split: str = "test", batch_
                         progress: Mode = "off") -> dict:
     """`groupdir eval`: the checkpoint's model on a split of a data root, every route, with the
     calibration chosen on validation when it was trained; one process. `shots`: other (many, few)
-    thresholds of the shot metrics than the run's. `progress` shows the batches predicted."""
+    thresholds of the shot metrics than the run's. `progress` shows the batches predicted. Data whose
+    labels do not fit the checkpoint's range is refused before the model sees it (checkpoint.check_labels_fit)."""
+    from groupdir import checkpoint
     from groupdir.config import build
-    from groupdir.data import open_data
+    from groupdir.data import open_data, split_labels
 
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, saved = load_model(path, target_device)
     cfg = build({**saved["config"], "data": str(data), **({"batch_size": batch_size} if batch_size else {}),
                  **({"many_shot": shots[0], "few_shot": shots[1]} if shots else {})})
+    checkpoint.check_labels_fit(path, saved, split_labels(cfg, split), f"the {split} split of {data}")
     loader = open_data(cfg, [split], augmented=None, device=target_device)[1][split]
     outputs = predict(model, loader, target_device, progress=progress)
     return route_metrics(outputs, Grouping(tuple(saved["group_edges"])), saved["train_labels"].numpy(), cfg,

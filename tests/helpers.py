@@ -1,6 +1,6 @@
-"""What several test modules share: the tiny data set's size and step counts, and failure injection,
-handed to the driver as its worker loop so that it stays out of the product (no config key, no
-check in the training loop)."""
+"""What several test modules share: the tiny data set's size and step counts, real checkpoints
+made without training, and failure injection, handed to the driver as its worker loop so that it
+stays out of the product (no config key, no check in the training loop)."""
 
 import json
 import os
@@ -8,9 +8,13 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import ray.cloudpickle
+import torch
 
-from groupdir import recipe
+from groupdir import checkpoint, recipe
+from groupdir.config import load_config
+from groupdir.evaluation import Calibration
 
 TRAIN_ROWS = 600  # the `tiny_synth` fixture's training split (conftest.py)
 
@@ -26,6 +30,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def saved_checkpoint(path: Path, train_labels, **settings) -> Path:
+    """A checkpoint.pt in the format a run writes, of an untrained model built the trainer's way
+    (recipe.local_worker, without Ray) for `train_labels` and config `settings`: what eval,
+    load_model and init_from read, in a fraction of a second."""
+    cfg = load_config(overrides={"image_size": 16, **settings})
+    labels = np.asarray(train_labels, dtype=np.float64)
+    worker = recipe.local_worker(cfg, labels)
+    grouping = worker.targets.grouping
+    state = checkpoint.TrainState(best_model=worker.net.state_dict(),
+                                  best_calibration=Calibration(shift=(0.0,) * grouping.num_groups).to_dict())
+    torch.save(checkpoint.best_model_file(state, cfg, grouping.edges, labels), path)
+    return Path(path)
 
 
 # Ray ships these hooks to its workers by value: the workers cannot import the tests folder.

@@ -1,11 +1,18 @@
-import json
+"""The command line end to end (slow), and its refusals of unusable checkpoints and outputs, which
+come before any data is read or Ray starts (fast)."""
 
+import json
+import os
+
+import numpy as np
 import pytest
 import ray
 import torch
+import yaml
 
 from groupdir.cli import main
-from helpers import TRAIN_ROWS, steps_per_epoch
+from helpers import TRAIN_ROWS, saved_checkpoint, steps_per_epoch
+
 
 @pytest.fixture(autouse=True)
 def tracking(tmp_path, monkeypatch):
@@ -56,7 +63,7 @@ def test_prepare_train_eval_from_the_command_line(tiny_synth, tmp_path, capsys):
     # A checkpoint that is not one fails with one line, not a traceback.
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(tiny_synth)]) == 2
-    assert "cannot be loaded" in capsys.readouterr().err
+    assert "bad.pt is truncated or not a torch file" in capsys.readouterr().err
     # One from before routes were calibrated is refused, not evaluated with made-up settings.
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     del state["calibration"]
@@ -157,3 +164,73 @@ def test_quiet_leaves_the_result_line_alone(tmp_path, capsys):
     assert err == "" and out.startswith(f"wrote {tmp_path / 's' / 'synth_age.csv'} in ") and out.count("\n") == 1
     assert main(synth_command(tmp_path / "s", "-q")) == 2  # errors are still printed
     assert capsys.readouterr().err.startswith("groupdir synth: error: ")
+
+
+# ------------------- refused before any data is read or Ray starts -------------------
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"groupdir {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_eval_refuses_a_truncated_checkpoint_and_data_of_another_label_range(tiny_synth, tmp_path, capsys):
+    narrow = saved_checkpoint(tmp_path / "checkpoint.pt", np.arange(40.0, 61.0), num_groups=4)
+    half = tmp_path / "half.pt"
+    half.write_bytes(narrow.read_bytes()[:narrow.stat().st_size // 2])
+    assert main(["eval", "--checkpoint", str(half), "--data", str(tiny_synth)]) == 2
+    assert f"checkpoint {half} is truncated or not a torch file" in one_line_error(capsys, "eval")
+    assert main(["eval", "--checkpoint", str(narrow), "--data", str(tiny_synth), "--json", str(tmp_path / "m.json")]) == 2
+    assert (f"checkpoint {narrow} was trained for labels 40 to 60 (4 groups); the test split of {tiny_synth} has "
+            f"labels 0 to 99") in one_line_error(capsys, "eval")
+    assert not (tmp_path / "m.json").exists()
+
+
+# Every command that writes, with its output at {out}; whatever else it reads does not exist, so a
+# refusal that came after the output check would be another message.
+WRITERS = {
+    "train": ["train", "--data", "{missing}", "--out", "{out}"],
+    "tune": ["tune", "--space", "{space}", "--data", "{missing}", "--out", "{out}"],
+    "demo": ["demo", "--out", "{out}"],
+    "prepare": ["prepare", "--root", "{missing}", "--out", "{out}"],
+    "synth": ["synth", "{out}"],
+    "bench loader": ["bench", "loader", "--out", "{out}"],
+    "bench method": ["bench", "method", "--data", "{missing}", "--out", "{out}"],
+    "bench train": ["bench", "train", "--data", "{missing}", "--out", "{out}"],
+    "bench loss": ["bench", "loss", "--out", "{out}"],
+    "bench ceiling": ["bench", "ceiling", "--out", "{out}"],
+    "eval --json": ["eval", "--checkpoint", "{missing}", "--data", "{missing}", "--json", "{out}"],
+}
+
+
+def blocked_output(tmp_path, case: str, writer: str):
+    """(an output path that cannot be written, the refusal that names it)."""
+    blocker = tmp_path / "blocker"
+    if case == "a file in place of a parent folder":
+        blocker.write_text("")
+        return blocker / "out", f"{blocker} is a file, not a folder"
+    if case == "the other kind at the output's path":
+        if writer == "eval --json":  # a file is wanted there
+            blocker.mkdir()
+            return blocker, "it is a folder, not a file"
+        blocker.write_text("")
+        return blocker, "it is a file, not a folder"
+    blocker.mkdir(mode=0o555)  # no permission
+    return blocker / "out", f"no permission to write in {blocker}"
+
+
+@pytest.mark.parametrize("case", ["a file in place of a parent folder", "the other kind at the output's path",
+                                  "a folder without write permission"])
+@pytest.mark.parametrize("writer", WRITERS)
+def test_an_output_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys, writer, case):
+    if case == "a folder without write permission" and os.geteuid() == 0:
+        pytest.skip("root may write in any folder, whatever its mode: the check (os.access) passes, as the write would")
+    out, reason = blocked_output(tmp_path, case, writer)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"fixed": {"epochs": 1}, "space": {"lr": {"choice": [0.1, 0.2]}}}))
+    before = sorted(tmp_path.rglob("*"))
+    argv = [arg.format(out=out, missing=tmp_path / "missing", space=space) for arg in WRITERS[writer]]
+    assert main(argv) == 2
+    assert one_line_error(capsys, argv[0]).rstrip("\n").endswith(f"error: cannot write {out}: {reason}")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+    assert not ray.is_initialized()

@@ -1,4 +1,5 @@
-"""Routes, logit adjustment and its calibration on validation, on hand-made outputs."""
+"""Routes, logit adjustment and its calibration on validation, on hand-made outputs; `groupdir
+eval`'s refusal of data that does not fit a checkpoint."""
 
 import dataclasses
 
@@ -6,10 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from groupdir.checkpoint import check_labels_fit
 from groupdir.config import load_config
-from groupdir.evaluation import (Calibration, Outputs, calibrate, group_centroids, head_prior, label_prior,
-                                 predict, route, route_metrics, target_prior)
+from groupdir.data import read_dir_table
+from groupdir.errors import CheckpointError
+from groupdir.evaluation import (Calibration, Outputs, calibrate, evaluate_checkpoint, group_centroids, head_prior,
+                                 label_prior, predict, route, route_metrics, target_prior)
 from groupdir.grouping import make_grouping
+from helpers import saved_checkpoint
 
 GROUPING = make_grouping(np.arange(0, 30), 3, "equal_width", (0, 30))  # groups [0,10) [10,20) [20,30)
 EXPERTS = np.array([[5.0, 15.0, 25.0], [6.0, 16.0, 26.0]])
@@ -128,3 +133,26 @@ def test_predict_shows_the_batches_only_when_asked(capsys):
     assert lines[0] == "batches predicted: 0/3" and lines[-1].startswith("batches predicted: 3/3 in ")
     predict(net, loader, torch.device("cpu"))  # as the training workers call it
     assert capsys.readouterr().err == ""
+
+
+def test_eval_data_may_reach_a_quarter_of_the_label_range_beyond_it():
+    saved = {"group_edges": [0.0, 50.0, 100.0]}
+    check_labels_fit("run/checkpoint.pt", saved, [-25.0, 50.0, 125.0], "the test split of d")
+    for beyond in (-25.5, 125.5):
+        with pytest.raises(CheckpointError, match=r"^checkpoint run/checkpoint.pt was trained for labels 0 to 100 "
+                           r"\(2 groups\); the test split of d has labels .* more than 25% of that range beyond it"):
+            check_labels_fit("run/checkpoint.pt", saved, [50.0, beyond], "the test split of d")
+
+
+def test_eval_refuses_data_of_another_label_range_and_takes_its_own_test_split(tiny_synth, tmp_path):
+    table = read_dir_table(tiny_synth)
+    # A balanced test split holds ages the skewed training split lacks at its ends: they are evaluated.
+    assert table.labels["test"].min() < table.labels["train"].min() and table.labels["test"].max() > table.labels["train"].max()
+    own = saved_checkpoint(tmp_path / "own.pt", table.labels["train"], num_groups=4)
+    results = evaluate_checkpoint(own, str(tiny_synth), "test", device="cpu")
+    assert results["predicted"]["n/all"] == len(table.labels["test"])
+
+    narrow = saved_checkpoint(tmp_path / "narrow.pt", np.arange(40.0, 61.0), num_groups=4)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {tmp_path / 'narrow.pt'} was trained for labels 40 to 60 "
+                                              rf"\(4 groups\); the val split of {tiny_synth} has labels 0 to 99, more"):
+        evaluate_checkpoint(narrow, str(tiny_synth), "val", device="cpu")

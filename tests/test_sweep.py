@@ -1,5 +1,6 @@
-"""Sweeps on a real local Ray and MLflow: nesting, the best trial, a failing trial, ASHA, an
-interrupted sweep resumed, and bad search spaces refused before Ray starts. The trials read the tiny
+"""Sweeps on a real local Ray and MLflow: nesting, the best trial, a failing trial, ASHA, a sweep
+interrupted (Ctrl-C) or whose driver was killed (SIGKILL) resumed, and bad search spaces refused
+before Ray starts. The trials read the tiny
 data root through torch's DataLoader (FFCV's JIT compile would cost every trial half a minute)."""
 
 import csv
@@ -238,8 +239,11 @@ def test_asha_stops_a_trial_that_falls_behind_and_a_failing_trial_is_failed(tiny
     assert summary["best"]["run_id"] == kept.info.run_id
 
 
-@pytest.mark.slow
-def test_an_interrupted_sweep_resumes_with_one_run_per_trial(tiny_synth, tmp_path, tracking, local_ray):
+def interrupted_sweep(tiny_synth, tmp_path, tracking, stop) -> tuple[list[str], str, int]:
+    """A 2-trial sweep (one trial at a time, 2 epochs each) in a driver process of its own, stopped
+    by `stop(process)` once the first trial has finished and the second has logged an epoch and is
+    in Tune's saved state (a killed driver leaves only Tune's last periodic save: a trial not in it
+    would be drawn anew on resume). Returns the command, the driver's output and its exit status."""
     space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 2},
                        trials=2, asha=False)
     command = ["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep"),
@@ -254,31 +258,62 @@ def test_an_interrupted_sweep_resumes_with_one_run_per_trial(tiny_synth, tmp_pat
             break
     second = seen[-1].split()[0]
     client = MlflowClient(tracking)
-    for _ in range(120):  # ... and trained an epoch of its 2: Ctrl-C
+    for _ in range(240):  # ... and trained an epoch of its 2, and Tune has saved it: stop
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.trial_id = '{second}'")
-        if runs and client.get_metric_history(runs[0].info.run_id, "epoch"):
+        saved = [path.read_text() for path in (tmp_path / "sweep" / "tune").glob("experiment_state-*.json")]
+        if runs and client.get_metric_history(runs[0].info.run_id, "epoch") and any(second in text for text in saved):
             break
         time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    else:
+        process.kill()
+        pytest.fail(f"trial {second} logged no epoch, or Tune saved no state with it, in 2 minutes")
+    stop(process)
     output = "".join(seen) + process.communicate(timeout=180)[0]
-    assert process.returncode == 130, output
-    assert "--resume" in output
+    return command, output, process.returncode
 
-    client, parent, children = sweep_runs(tracking)
-    assert parent.info.status == "KILLED"
-    assert sorted(child.info.status for child in children) == ["FINISHED", "KILLED"], output
+
+def runs_after_the_stop(tracking, status: str, output: str):
+    """(the parent run, the finished first trial's, the cut-off second trial's), the parent and the
+    second in `status`."""
+    _, parent, children = sweep_runs(tracking)
+    assert parent.info.status == status
+    assert sorted(child.info.status for child in children) == sorted(["FINISHED", status]), output
     first = next(child for child in children if child.info.status == "FINISHED")
-    interrupted = next(child for child in children if child.info.status == "KILLED")
-    assert interrupted.data.tags["interrupted"] == "true"
+    second = next(child for child in children if child.info.status == status)
+    return parent, first, second
 
+
+def assert_resumes_with_one_run_per_trial(command: list[str], tracking, parent, first, second) -> None:
     assert main([*command, "--resume"]) == 0
     client, resumed_parent, children = sweep_runs(tracking)
     assert resumed_parent.info.run_id == parent.info.run_id and resumed_parent.info.status == "FINISHED"
     assert len(children) == 2 and {child.info.status for child in children} == {"FINISHED"}
     assert len({child.data.tags["trial_id"] for child in children}) == 2
     ids = {child.info.run_id: child for child in children}
-    assert first.info.run_id in ids and interrupted.info.run_id in ids  # the same runs, not new ones
+    assert first.info.run_id in ids and second.info.run_id in ids  # the same runs, not new ones
     assert ids[first.info.run_id].info.end_time == first.info.end_time, "a finished trial ran again"
     for child in children:  # every epoch logged exactly once, the interrupted trial's too
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
         assert sorted(steps) == [1, 2], (child.data.tags["trial_id"], steps)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_marks_what_it_cut_off_and_says_how_to_resume(tiny_synth, tmp_path, tracking, local_ray):
+    """Ctrl-C: Tune saves its state, the command marks what it cut off and says how to resume. The
+    resume itself takes the same path as after a SIGKILL (the test below), which starts from less."""
+    command, output, status = interrupted_sweep(tiny_synth, tmp_path, tracking,
+                                                lambda process: process.send_signal(signal.SIGINT))
+    assert status == 130, output
+    assert "--resume" in output
+    parent, first, second = runs_after_the_stop(tracking, "KILLED", output)
+    assert second.data.tags["interrupted"] == "true"
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_driver_was_killed_resumes_with_one_run_per_trial(tiny_synth, tmp_path, tracking, local_ray):
+    """SIGKILL: no clean-up at all; the embedded Ray's head dies with its driver, the runs it had
+    open stay RUNNING, and --resume restores Tune's last periodic save."""
+    command, output, status = interrupted_sweep(tiny_synth, tmp_path, tracking, lambda process: process.kill())
+    assert status == -signal.SIGKILL, output
+    parent, first, second = runs_after_the_stop(tracking, "RUNNING", output)
+    assert_resumes_with_one_run_per_trial(command, tracking, parent, first, second)

@@ -168,6 +168,7 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     assert {key.rsplit("/", 1)[0] for key in metrics if not key.startswith("system/")} <= {
         "test/mae", "test/mse", "test/gm", "test/bmae", "test", "routes", "reference", "best_val/mae", "best_val/mse",
         "best_val/gm", "best_val/bmae", "best_val", "val/mae", "val/mse", "val/gm", "val/bmae", "val", "train", "step",
+        "test/group_acc", "val/group_acc", "best_val/group_acc",
         "calibration", "seconds", "crt", "epoch", "steps", "train_seconds", "images_per_second"}  # the UI's chart sections
     assert not any("/n/" in key for key in metrics)  # sample counts are in the shot table, not metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/mae/all")] == [2]  # the last epoch
@@ -187,33 +188,17 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
         assert again[route]["mae/all"] == pytest.approx(results[route]["mae/all"], rel=1e-5)
 
 
-def test_a_crashed_worker_is_replaced_and_every_epoch_is_logged_once(tiny_synth, tmp_path, tracking):
-    # The last worker dies in the middle of epoch 2; Ray restarts both from epoch 1's checkpoint.
-    steps = steps_per_epoch(64, workers=2)
-    cfg = load_config(overrides={**SHARD_RUN, "image_size": 16, "epochs": 2, "data": str(tiny_synth), "workers": 2,
-                                 "tracking_uri": tracking, "max_failures": 1})
-    marker = tmp_path / "crashed"
-    results = train(cfg, tmp_path / "run", progress="off", worker_loop=CrashOnce(steps + 3, marker))
-    assert marker.exists()  # it did crash
-    assert results["steps"] == 2 * steps  # what an uninterrupted run takes, no step repeated
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2]
-    client, run = run_of(tracking, tmp_path / "run")
-    assert run.info.status == "FINISHED"
-    for key in ("val/mae/all", "train/total", "steps"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == [steps, 2 * steps]
-
-
-def test_training_goes_on_while_the_tracking_server_is_down(tiny_synth, tmp_path):
-    """The server stops once epoch 1 is in MLflow and comes back once epoch 2 is checkpointed:
-    training goes on, and in the end MLflow holds every epoch and every log_every-th step exactly
-    once, the test results, the plots and the checkpoint."""
-    run_dir, log_every = tmp_path / "run", 2
+def test_a_crashed_worker_and_a_tracking_outage_lose_nothing_and_log_nothing_twice(tiny_synth, tmp_path):
+    """Two faults in one run, on its own tracking server. The last worker dies in the middle of epoch
+    2 and Ray restarts both from epoch 1's checkpoint; the server stops once epoch 1 is in MLflow and
+    comes back once epoch 2 is checkpointed. Training goes on through both, and in the end MLflow
+    holds every epoch and every log_every-th step exactly once, the test results, plots and checkpoint."""
+    run_dir, log_every, steps = tmp_path / "run", 2, steps_per_epoch(64, workers=2)
     server = MlflowServer(tmp_path / "store", port=free_port()).start()
-    cfg = load_config(overrides={**SHARD_RUN, "image_size": 16, "epochs": 2, "data": str(tiny_synth),
-                                 "tracking_uri": server.uri, "log_every": log_every, "tracking_patience": 300})
-    events, failures = [], []
+    cfg = load_config(overrides={**SHARD_RUN, "image_size": 16, "epochs": 3, "data": str(tiny_synth), "workers": 2,
+                                 "tracking_uri": server.uri, "max_failures": 1, "log_every": log_every,
+                                 "tracking_patience": 300})
+    marker, events, failures = tmp_path / "crashed", [], []
 
     def outage():
         try:
@@ -231,18 +216,21 @@ def test_training_goes_on_while_the_tracking_server_is_down(tiny_synth, tmp_path
     watcher = threading.Thread(target=outage)
     watcher.start()
     try:
-        results = train(cfg, run_dir, progress="off")
+        results = train(cfg, run_dir, progress="off", worker_loop=CrashOnce(steps + 3, marker))
     finally:
         watcher.join()
         try:
             assert not failures, failures
-            assert events == ["stopped", "restarted"]
+            assert events == ["stopped", "restarted"] and marker.exists()  # both faults happened
+            assert results["steps"] == 3 * steps  # what an uninterrupted run takes, no step repeated
+            assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2, 3]
             client, run = run_of(server.uri, run_dir)
             assert run.info.status == "FINISHED"
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2]
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "val/bmae/all")] == [1, 2]
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "step/total"))
-            assert steps == list(range(log_every, results["steps"] + 1, log_every))
+            for key in ("epoch", "val/mae/all", "train/total", "steps"):
+                assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+            assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == [steps, 2 * steps, 3 * steps]
+            logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "step/total"))
+            assert logged == list(range(log_every, results["steps"] + 1, log_every))
             assert run.data.metrics["test/mae/all"] == pytest.approx(results[results["selected_route"]]["mae/all"])
             artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert {"checkpoint.pt", "config.yaml", "test_shot_table.md", "plots"} <= artifacts

@@ -13,7 +13,7 @@ from groupdir.data.shards import is_shards_dir, shard_labels
 from groupdir.progress import Mode
 
 __all__ = ["DataError", "DIRTable", "read_dir_table", "resolve_csv", "DIRImageDataset", "make_loader", "open_data",
-           "synthetic_shards"]
+           "split_labels", "synthetic_shards"]
 
 
 def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "train", rank: int = 0,
@@ -45,9 +45,14 @@ def open_data(cfg, splits=("train", "val", "test"), augmented: str | None = "tra
 
 def train_labels(cfg) -> np.ndarray:
     """The training labels alone (the driver checks the grouping with them before any worker starts)."""
+    return split_labels(cfg, "train")
+
+
+def split_labels(cfg, split: str) -> np.ndarray:
+    """A split's labels alone, without opening its images."""
     if is_shards_dir(cfg.data):
-        return shard_labels(cfg.data, "train")
-    return read_dir_table(cfg.data, cfg.dataset, cfg.csv, check_images=False).labels["train"]
+        return shard_labels(cfg.data, split)
+    return read_dir_table(cfg.data, cfg.dataset, cfg.csv, check_images=False).labels[split]
 
 
 def synthetic_shards(out: Path, train_size: int = 4000, spec=None, encoding=None, name: str = "shards",

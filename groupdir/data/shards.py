@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from groupdir import __version__
-from groupdir.atomic import atomic_folder
+from groupdir.atomic import atomic_folder, check_writable
 from groupdir.config import WRITE_MODES
 from groupdir.data.dir_format import SPLITS, DIRTable, read_dir_table
 from groupdir.errors import ConfigError, DataError
@@ -60,6 +60,7 @@ def prepare(root: str | Path, out: str | Path, dataset: str = "auto", csv: str =
         raise ConfigError(f"write mode {encoding.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
     if num_shards < 1:
         raise ConfigError(f"--num-shards {num_shards} must be >= 1")
+    check_writable(out, atomically=True)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     table = read_dir_table(root, dataset, csv, skip_bad=skip_bad, progress=progress)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groupdir.atomic import atomic_folder
+from groupdir.atomic import atomic_folder, check_writable
 from groupdir.config import PRESET_CSV
 from groupdir.progress import Mode, Progress
 
@@ -131,8 +131,7 @@ def write_synth(out: str | Path, spec: SynthSpec, force: bool = False, progress:
     interrupted run leaves no half-written data set; an existing OUT is replaced only with force.
     """
     out = Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file, not a folder")
+    check_writable(out, atomically=True)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
     with atomic_folder(out) as tmp:

@@ -3,6 +3,7 @@ import pytest
 
 from groupdir.data import read_dir_table
 from groupdir.data.synth import SynthSpec, render_face, sample_ages, write_synth
+from groupdir.errors import OutputError
 
 
 def test_training_ages_are_skewed_and_eval_splits_balanced():
@@ -38,5 +39,5 @@ def test_write_synth_layout_is_valid_and_refuses_to_overwrite(tmp_path):
     assert csv.read_text() == first  # deterministic for a seed
     assert not list(tmp_path.glob(".s.tmp-*"))  # no temporary folder left behind
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileExistsError, match="is a file"):
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'file'}: it is a file, not a folder"):
         write_synth(tmp_path / "file", spec)
