@@ -356,15 +356,16 @@ def publish_run(tracker: Tracker, run_id: str, run_dir: Path, cfg_dict: dict, ex
     if unsent.exists():
         tracker.log_metric_records(run_id, step_metrics(json.loads(unsent.read_text()),
                                                         after=tracker.last_logged_step(run_id)))
-    if "test/mae/all" not in tracker.run(run_id).data.metrics:
-        # At the last epoch's step, so that the test figures sit at the end of the epoch curves.
-        tracker.log_metrics(run_id, result_metrics(results), step=history[-1]["epoch"] if history else 0)
-        selected, run = results[results["selected_route"]], tracker.run(run_id)
+    run = tracker.run(run_id)
+    if "test/mae/all" not in run.data.metrics:  # the tags first: a retry after a failure sets them again
+        selected = results[results["selected_route"]]
         tracker.set_tags(run_id, {"selected_route": results["selected_route"], NOTE:
                                   f"**Test MAE {selected['mae/all']:.2f}** (few-shot {selected['mae/few']:.2f}), "
                                   f"bMAE {selected['bmae/all']:.2f}; route `{results['selected_route']}`, chosen on "
                                   f"validation; best epoch {results['best_epoch']}.\n\n"
                                   + run_note(cfg_dict, run.data.tags.get("dataset", ""))})
+        # At the last epoch's step, so that the test figures sit at the end of the epoch curves.
+        tracker.log_metrics(run_id, result_metrics(results), step=history[-1]["epoch"] if history else 0)
     held = tracker.artifact_paths(run_id)
     if "test_shot_table.md" not in held:
         tracker.log_text(run_id, "# Test shot table\n\n```\n" + format_shot_table({cfg_dict["method"]: results})
