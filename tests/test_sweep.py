@@ -239,13 +239,14 @@ def test_asha_stops_a_trial_that_falls_behind_and_a_failing_trial_is_failed(tiny
     assert summary["best"]["run_id"] == kept.info.run_id
 
 
-def interrupted_sweep(tiny_synth, tmp_path, tracking, stop) -> tuple[list[str], str, int]:
-    """A 2-trial sweep (one trial at a time, 2 epochs each) in a driver process of its own, stopped
-    by `stop(process)` once the first trial has finished and the second has logged an epoch and is
-    in Tune's saved state (a killed driver leaves only Tune's last periodic save: a trial not in it
-    would be drawn anew on resume). Returns the command, the driver's output and its exit status."""
+def interrupted_sweep(tiny_synth, tmp_path, tracking, stop, trials: int = 2) -> tuple[list[str], str, int]:
+    """A sweep of `trials` trials (one at a time, 2 epochs each) in a driver process of its own,
+    stopped by `stop(process)` once the trials before the last have finished and the last has logged
+    an epoch and is in Tune's saved state (a killed driver leaves only Tune's last periodic save: a
+    trial not in it would be drawn anew on resume). Returns the command, the driver's output and
+    its exit status."""
     space = space_file(tmp_path, {"temperature": {"loguniform": [0.5, 5.0]}}, fixed={**TINY, "epochs": 2},
-                       trials=2, asha=False)
+                       trials=trials, asha=False)
     command = ["tune", "--space", space, "--data", str(tiny_synth), "--out", str(tmp_path / "sweep"),
                "--max-concurrent", "1"]
     process = subprocess.Popen([sys.executable, "-m", "groupdir.cli", *command], cwd=tmp_path, text=True,
@@ -254,7 +255,7 @@ def interrupted_sweep(tiny_synth, tmp_path, tracking, stop) -> tuple[list[str], 
     seen = []
     for line in process.stdout:  # once the first trial has finished and the second has started ...
         seen.append(line)
-        if sum(" started:" in s for s in seen) == 2 and any(" finished:" in s for s in seen):
+        if sum(" started:" in s for s in seen) == trials and sum(" finished:" in s for s in seen) == trials - 1:
             break
     second = seen[-1].split()[0]
     client = MlflowClient(tracking)
@@ -299,14 +300,16 @@ def assert_resumes_with_one_run_per_trial(command: list[str], tracking, parent, 
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_marks_what_it_cut_off_and_says_how_to_resume(tiny_synth, tmp_path, tracking, local_ray):
-    """Ctrl-C: Tune saves its state, the command marks what it cut off and says how to resume. The
-    resume itself takes the same path as after a SIGKILL (the test below), which starts from less."""
+    """Ctrl-C in the middle of a trial: Tune saves its state, the command marks what it cut off and
+    says how to resume. The resume itself takes the same path as after a SIGKILL (the test below,
+    which also has a finished trial that must not run again)."""
     command, output, status = interrupted_sweep(tiny_synth, tmp_path, tracking,
-                                                lambda process: process.send_signal(signal.SIGINT))
+                                                lambda process: process.send_signal(signal.SIGINT), trials=1)
     assert status == 130, output
     assert "--resume" in output
-    parent, first, second = runs_after_the_stop(tracking, "KILLED", output)
-    assert second.data.tags["interrupted"] == "true"
+    _, parent, children = sweep_runs(tracking)
+    assert parent.info.status == "KILLED" and len(children) == 1, output
+    assert children[0].info.status == "KILLED" and children[0].data.tags["interrupted"] == "true"
 
 
 @pytest.mark.slow
