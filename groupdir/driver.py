@@ -18,6 +18,7 @@ same run folder after a driver crash does the same, and reopens the same MLflow 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -30,10 +31,12 @@ from groupdir import checkpoint, recipe
 from groupdir.atomic import copy_file_atomic, read_json, write_json_atomic
 from groupdir.config import Config, changed_settings
 from groupdir.data import train_labels
+from groupdir.data.dir_format import resolve_csv
 from groupdir.data.shards import META, check_shards_fit, is_shards_dir, read_meta
 from groupdir.errors import ConfigError, TrainingError
 from groupdir.methods import build_model
-from groupdir.tracking import Tracker, check_reachable, provenance_tags, publish_run, resolve_uri, server_unreachable
+from groupdir.tracking import (Tracker, check_reachable, provenance_tags, publish_run, resolve_uri, run_params,
+                               server_unreachable)
 
 RUN_RECORD = "run.json"  # run folder: the MLflow run id, Ray's run name and the config, for resuming
 WorkerLoop = Callable[[recipe.Job], None]
@@ -58,16 +61,30 @@ def train(cfg: Config, run_dir: str | Path, progress: str = "lines", force: bool
         previous = claim_run_dir(run_dir, cfg, force)
         if previous:
             print(f"resuming the run in {run_dir} (MLflow run {previous['mlflow_run_id']})", flush=True)
-        run_id = Tracker(cfg.tracking_uri).open_run(cfg.experiment, run_dir.name, cfg.to_dict(),
+        run_id = Tracker(cfg.tracking_uri).open_run(cfg.experiment, run_dir.name, run_params(cfg.to_dict(), dataset),
                                                     provenance_tags(cfg, dataset),
                                                     previous["mlflow_run_id"] if previous else "")
+        if not previous:
+            Tracker(cfg.tracking_uri).log_data(run_id, **training_data(cfg, dataset))
         # Ray keeps the checkpoints in storage/ray_name; a new name for every fresh run, so that runs
         # sharing a storage_path (or a run started over with --force) never pick up another's.
         ray_name = previous["ray_name"] if previous else f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
         write_json_atomic(run_dir / RUN_RECORD, {"mlflow_run_id": run_id, "ray_name": ray_name,
                                                  "config": cfg.to_dict()})
-        return train_run(cfg, use_gpu, run_dir, cfg.storage_path or str(run_dir / "ray"), ray_name, run_id,
-                         progress, worker_loop=worker_loop)
+        storage = cfg.storage_path or str(run_dir / "ray")
+        results = train_run(cfg, use_gpu, run_dir, storage, ray_name, run_id, progress, worker_loop=worker_loop)
+    drop_ray_checkpoints(storage, ray_name)
+    return results
+
+
+def drop_ray_checkpoints(storage: str, ray_name: str) -> None:
+    """Ray's per-epoch checkpoints of a finished run: only a restart needs them, and the run folder
+    holds the chosen model. They are the run's bulk (model and optimizer state, twice). An object
+    store (s3://...) keeps them: Ray's own storage settings decide there."""
+    if "://" not in storage:
+        shutil.rmtree(Path(storage) / ray_name, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(storage).rmdir()  # left only if another run keeps its checkpoints there
 
 
 def train_run(cfg: Config, use_gpu: bool, run_dir: Path, storage: str, ray_name: str, run_id: str,
@@ -193,7 +210,18 @@ def preflight(cfg: Config) -> str:
         meta = read_meta(cfg.data)
         check_shards_fit(meta, cfg.workers, cfg.batch_size)
         return meta["dataset"]
-    return Path(cfg.data).name
+    return resolve_csv(cfg.data, cfg.dataset, cfg.csv).stem  # as `prepare` names the shards made from it
+
+
+def training_data(cfg: Config, dataset: str) -> dict:
+    """The training data as MLflow records it (Tracker.log_data, the runs table's Dataset column):
+    its name, the digest of its label CSV (the same for a data root and the shards made from it)
+    and where it is."""
+    if is_shards_dir(cfg.data):
+        digest = read_meta(cfg.data)["source_csv_sha256"]
+    else:
+        digest = hashlib.sha256(resolve_csv(cfg.data, cfg.dataset, cfg.csv).read_bytes()).hexdigest()
+    return {"name": dataset, "digest": digest[:12], "source": cfg.data}
 
 
 def claim_run_dir(run_dir: Path, cfg: Config, force: bool) -> dict | None:
@@ -229,10 +257,12 @@ def ray_session(address: str = "", num_cpus: int | None = None):
     # stay in its session folder (/tmp/ray/session_latest/logs). Ray Train turns a worker's print()
     # into a log record, which would swallow the progress bar's updates (Ray's tqdm prints them for
     # the driver to draw). On one machine nothing can be preempted, and Ray Train's preemption
-    # watcher only adds an internal error line to the console; on a cluster it stays on.
+    # watcher only adds an internal error line to the console; on a cluster it stays on. An embedded
+    # Ray starts without its dashboard: a dozen processes that took a third of its start-up and CPU
+    # that training needs (a cluster's head keeps its own).
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if address else {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})}
     ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.ERROR,
-             runtime_env={"env_vars": env_vars})
+             runtime_env={"env_vars": env_vars}, **({} if address else {"include_dashboard": False}))
     try:
         yield
     finally:

@@ -36,7 +36,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 NOTE = "mlflow.note.content"  # the MLflow UI shows this tag as a run's or experiment's description
 EXPERIMENT_NOTE = ("groupdir runs: one run per `groupdir train`; a sweep is a parent run with its trials nested "
                    "under it. In MLflow 3, switch the UI to \"Model training\" (top left) to see runs and charts.")
-EPOCH_MARKER = "epoch"  # logged with every epoch; its steps say which epochs MLflow holds
+EPOCH_MARKER = "epoch/number"  # logged with every epoch; its steps say which epochs MLflow holds
 STEP_MARKER = "step/total"  # logged every log_every steps; its last step says where a replay starts
 BATCH_LIMIT = 1000  # metrics per MLflow log_batch call
 # MLflow retries a failed HTTP request 7 times, up to 2 minutes apart, so a call to an absent server
@@ -102,6 +102,13 @@ class Tracker:
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def log_data(self, run_id: str, name: str, digest: str, source: str) -> None:
+        """The run's training data as an MLflow dataset input (the runs table's Dataset column)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        data = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}))
+        self.client.log_inputs(run_id, [DatasetInput(data, [InputTag("mlflow.data.context", "train")])])
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`, created if missing."""
@@ -182,8 +189,17 @@ def epoch_metrics(history: list[dict], skip: set[int]) -> list:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, record["epoch"]) for record in history if record["epoch"] not in skip
-            for key, value in record.items() if _finite(value) and charted(key.split("/", 1)[-1])]
+    return [Metric(epoch_metric_name(key), float(value), now, record["epoch"]) for record in history
+            if record["epoch"] not in skip for key, value in record.items()
+            if _finite(value) and charted(key.split("/", 1)[-1])]
+
+
+def epoch_metric_name(key: str) -> str:
+    """history.json's unprefixed keys (epoch, steps, train_seconds, images_per_second) go under
+    epoch/ in MLflow: a chart section of their own, not the UI's catch-all one."""
+    if "/" in key:
+        return key
+    return EPOCH_MARKER if key == "epoch" else f"epoch/{key}"
 
 
 def step_metrics(steps: list[dict], after: int) -> list:
@@ -387,6 +403,12 @@ def server_unreachable(err: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(err, MlflowException) and str(err).startswith("API request to")
+
+
+def run_params(config: dict, dataset: str) -> dict:
+    """A config as MLflow params: the data set by its name (the config may say `auto`), and no unset
+    options (None, ""; label_min, csv, ...), which would be blank cells in the runs table."""
+    return {key: dataset if key == "dataset" else value for key, value in config.items() if value not in (None, "")}
 
 
 def provenance_tags(cfg, dataset: str, command: str = "groupdir train") -> dict:

@@ -4,6 +4,7 @@ import re
 import pytest
 
 import numpy as np
+import torch
 
 from groupdir.bench.method import METHODS, bench_method, method_table, paired, slug, verdict
 from groupdir.errors import ConfigError
@@ -40,6 +41,14 @@ def test_bench_method_pairs_seeds_and_gives_a_verdict_per_claim(tiny_synth, tmp_
         assert pretraining["method"] == "rnc" and pretraining["seed"] == seed
         two_stage = json.loads((tmp_path / "runs" / f"group-dir-two-stage-seed{seed}" / "run.json").read_text())
         assert two_stage["config"]["init_from"] == str(tmp_path / "runs" / f"rnc-seed{seed}" / "checkpoint.pt")
+    # Two-stage Group-DIR fine-tunes its seed's RnC encoder: close to it after one epoch, not equal.
+    rnc = torch.load(tmp_path / "runs" / "rnc-seed0" / "checkpoint.pt", weights_only=True)["model"]
+    fine_tuned = torch.load(tmp_path / "runs" / "group-dir-two-stage-seed0" / "checkpoint.pt", weights_only=True)["model"]
+    conv = "encoder.conv1.weight"
+    assert not torch.equal(fine_tuned[conv], rnc[conv])
+    assert (fine_tuned[conv] - rnc[conv]).norm() / rnc[conv].norm() < 0.5
+    history = json.loads((tmp_path / "runs" / "group-dir-two-stage-seed0" / "history.json").read_text())
+    assert {"train/reg", "train/cls", "train/grc"} <= set(history[0])
     # A second call resumes: every run is already finished, nothing is retrained.
     before = {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/results.json")}
     assert len(before) == 6

@@ -141,6 +141,7 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tiny_synth, tmp_path, tr
     runs = client.search_runs([client.get_experiment_by_name("groupdir").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, resumed
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mae/all")] == [1, 2]
+    assert (run / "checkpoint.pt").is_file() and not (run / "ray").exists()  # Ray's checkpoints go at the end
 
 
 def synth_command(out, *flags) -> list[str]:

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from groupdir import sweep
 from groupdir.cli import main
 from groupdir.errors import ConfigError
+from groupdir.tracking import EPOCH_MARKER
 from helpers import FailWhen
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,18 +194,26 @@ def test_sweep_nests_every_trial_under_one_parent(tiny_synth, tmp_path, mlflow_s
             assert child.info.status == "KILLED" and child.data.tags["stopped_early"].startswith("ASHA")
             assert "test/mae/all" not in child.data.metrics
 
+    assert {record.dataset.name for run in (parent, *children) for record in run.inputs.dataset_inputs} == {"synth_age"}
+    for child in children:  # named by Tune's trial id and what it tries
+        name, params = child.info.run_name, child.data.params
+        assert name.startswith(f"{child.data.tags['trial_id']} ") and f" num_groups={params['num_groups']}" in name
+        assert f" head={params['head']}" in name, name
     finished = [child for child in children if child.info.status == "FINISHED"]
     best = min(finished, key=lambda child: min(val_history(client, child)))
     assert parent.data.tags["best_run_id"] == best.info.run_id
-    assert parent.data.params["best/temperature"] == best.data.params["temperature"]
-    assert parent.data.metrics["best/val/bmae/all"] == min(val_history(client, best))
-    assert parent.data.metrics["best/test/mae/all"] == best.data.metrics["test/mae/all"]
+    # The parent's row carries the best trial's settings and results under the trials' own names.
+    assert parent.data.params["temperature"] == best.data.params["temperature"]
+    assert parent.data.params["head"] == best.data.params["head"]
+    assert parent.data.metrics["best_val/bmae/all"] == best.data.metrics["best_val/bmae/all"] == min(val_history(client, best))
+    assert parent.data.metrics["test/mae/all"] == best.data.metrics["test/mae/all"]
     assert {"trials.csv", "trials.md", "plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/params_vs_metric.png"]
     rows = list(csv.DictReader((tmp_path / "sweep" / "trials.csv").open()))
     assert sorted(row["mlflow_run_id"] for row in rows) == sorted(child.info.run_id for child in children)
     assert rows[0]["mlflow_run_id"] == best.info.run_id  # best first
     assert (tmp_path / "sweep" / "trials" / best.data.tags["trial_id"] / "checkpoint.pt").is_file()
+    assert not (tmp_path / "sweep" / "ray").exists()  # Ray's checkpoints go when the sweep ends
 
     # A finished sweep's folder is not reused by mistake.
     assert main(command) == 2
@@ -262,7 +271,7 @@ def interrupted_sweep(tiny_synth, tmp_path, tracking, stop, trials: int = 2) -> 
     for _ in range(240):  # ... and trained an epoch of its 2, and Tune has saved it: stop
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.trial_id = '{second}'")
         saved = [path.read_text() for path in (tmp_path / "sweep" / "tune").glob("experiment_state-*.json")]
-        if runs and client.get_metric_history(runs[0].info.run_id, "epoch") and any(second in text for text in saved):
+        if runs and client.get_metric_history(runs[0].info.run_id, EPOCH_MARKER) and any(second in text for text in saved):
             break
         time.sleep(0.5)
     else:
@@ -294,7 +303,7 @@ def assert_resumes_with_one_run_per_trial(command: list[str], tracking, parent, 
     assert first.info.run_id in ids and second.info.run_id in ids  # the same runs, not new ones
     assert ids[first.info.run_id].info.end_time == first.info.end_time, "a finished trial ran again"
     for child in children:  # every epoch logged exactly once, the interrupted trial's too
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, EPOCH_MARKER)]
         assert sorted(steps) == [1, 2], (child.data.tags["trial_id"], steps)
 
 

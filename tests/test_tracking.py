@@ -8,7 +8,7 @@ from groupdir.atomic import write_json_atomic
 from groupdir.config import Config
 from groupdir.errors import ConfigError
 from groupdir.metrics import shot_metrics
-from groupdir.tracking import RunLogger, Tracker, check_reachable, publish_run, resolve_uri, step_metrics
+from groupdir.tracking import RunLogger, Tracker, check_reachable, publish_run, resolve_uri, run_params, step_metrics
 from helpers import free_port
 
 
@@ -132,3 +132,12 @@ def test_a_run_already_ended_keeps_its_status(store):
     tracker.finish_run(run_id, "FINISHED", error="late")
     run = tracker.run(run_id)
     assert run.info.status == "KILLED" and "error" not in run.data.tags
+
+
+def test_run_params_name_the_data_set_and_leave_out_unset_options():
+    config = Config(data="/data/agedb").to_dict()
+    assert config["dataset"] == "auto" and config["label_min"] is None and config["csv"] == ""
+    params = run_params(config, "agedb-dir")
+    assert params["dataset"] == "agedb-dir" and params["num_groups"] == config["num_groups"]
+    assert not {"label_min", "label_max", "csv"} & set(params)
+    assert params["fds"] is False and "fds" in params  # False and 0 are settings, not unset

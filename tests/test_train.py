@@ -24,6 +24,7 @@ from groupdir.evaluation import evaluate_checkpoint
 from groupdir.methods import Step, get_method
 from groupdir.recipe import check_finite
 from groupdir.server import MlflowServer
+from groupdir.tracking import EPOCH_MARKER
 from helpers import CrashOnce, free_port, steps_per_epoch
 
 SHARD_RUN = {"epochs": 2, "batch_size": 64, "image_size": 32, "num_groups": 5, "lr": 2e-3}
@@ -43,15 +44,56 @@ def run_of(tracking, run_dir):
     return client, client.get_run(run_id)
 
 
-@pytest.mark.parametrize("method, compiled, epochs", [("groupdir", False, 3), ("vanilla", True, 2)])
-def test_tiny_run_learns(tiny_synth, tmp_path, tracking, method, compiled, epochs):
-    """One worker reading the DIR root through torch's DataLoader; vanilla with torch.compile."""
-    cfg = load_config(overrides={"data": str(tiny_synth), "method": method, "epochs": epochs, "batch_size": 64,
-                                 "image_size": 32, "num_groups": 5, "lr": 2e-3, "seed": 0, "tracking_uri": tracking,
-                                 "compile": compiled})
-    results = train(cfg, tmp_path, progress="off")
+TINY_RUN = {"batch_size": 64, "image_size": 32, "num_groups": 5, "lr": 2e-3, "seed": 0}
 
-    history = json.loads((tmp_path / "history.json").read_text())
+
+def test_a_compiled_vanilla_run_learns(tiny_synth, tmp_path, tracking):
+    """One worker reading the DIR root through torch's DataLoader, with torch.compile."""
+    cfg = load_config(overrides={**TINY_RUN, "data": str(tiny_synth), "method": "vanilla", "epochs": 2,
+                                 "tracking_uri": tracking, "compile": True})
+    results = train(cfg, tmp_path, progress="off")
+    check_the_run_learned(tiny_synth, tmp_path, tracking, cfg, results)
+
+
+def test_a_groupdir_run_learns_and_its_calibration_never_sees_test_labels(tiny_synth, tmp_path, tracking):
+    """A Group-DIR run learns (the checks every run passes), and a second run that differs only in
+    the TEST split's labels (replaced by random ages: another order and another histogram) picks the
+    same epoch, route, tau and T, and re-trains the same classifier; only their test metrics differ."""
+    other = tmp_path / "other-test-labels"
+    other.mkdir()
+    (other / "images").symlink_to(tiny_synth / "images")
+    rows = list(csv.DictReader((tiny_synth / "synth_age.csv").open()))
+    rng = np.random.default_rng(0)
+    for row in rows:
+        if row["split"] == "test":
+            row["age"] = str(int(rng.integers(0, 100)))
+    with (other / "synth_age.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["age", "path", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = {**TINY_RUN, "method": "groupdir", "epochs": 3, "crt_epochs": 1, "tracking_uri": tracking}
+    results = {name: train(load_config(overrides={**settings, "data": str(root)}), tmp_path / name, progress="off")
+               for name, root in (("given", tiny_synth), ("other", other))}
+    check_the_run_learned(tiny_synth, tmp_path / "given", tracking,
+                          load_config(overrides={**settings, "data": str(tiny_synth)}), results["given"])
+
+    given, changed = results["given"], results["other"]
+    def learned(name):  # the history without its timings
+        return [{key: value for key, value in epoch.items() if key not in ("train_seconds", "images_per_second")}
+                for epoch in json.loads((tmp_path / name / "history.json").read_text())]
+    assert learned("given") == learned("other")  # the same training, epoch by epoch
+    assert given["calibration"] == changed["calibration"] and given["best_epoch"] == changed["best_epoch"]
+    assert given["validation"] == changed["validation"]
+    given_head = torch.load(tmp_path / "given" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"]
+    other_head = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"]
+    torch.testing.assert_close(given_head, other_head)
+    assert given["predicted"]["mae/all"] != changed["predicted"]["mae/all"]
+
+
+def check_the_run_learned(tiny_synth, run_dir, tracking, cfg, results):
+    """What every finished one-worker run on the tiny data root must show."""
+    method, epochs = cfg.method, cfg.epochs
+    history = json.loads((run_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert results["steps"] == history[-1]["steps"] == epochs * steps_per_epoch(64)
     expected_terms = {"train/total", "train/reg", "train/cls", "train/grc"} if method == "groupdir" \
@@ -65,23 +107,24 @@ def test_tiny_run_learns(tiny_synth, tmp_path, tracking, method, compiled, epoch
     mean_baseline = np.abs(table.labels["val"] - table.labels["train"].mean()).mean()
     assert min(h["val/mae/all"] for h in history) < mean_baseline
 
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((run_dir / "results.json").read_text())
     routes = {"predicted", "soft", "adjusted", "adjusted_soft", "oracle", "centroid"} if method == "groupdir" \
         else {"predicted"}
     assert routes == {key for key, value in saved.items()
                       if isinstance(value, dict) and "mae/all" in value and key != "validation"}
-    assert saved["validation"]["bmae/all"] == min(h["val/bmae/all"] for h in history)  # validation, not test
     assert {"mae/few", "bmae/all", "group_acc"} <= set(saved["predicted"])
     assert saved["predicted"]["n/all"] == table.size("test")  # every test row, once
     # The headline route is the best on validation (the default select_route=auto); so is its epoch.
     assert saved["selected_route"] in (("predicted", "soft", "adjusted", "adjusted_soft") if method == "groupdir"
                                        else ("predicted",))
     assert results["best_epoch"] == int(np.argmin([h["val/bmae/all"] for h in history])) + 1
+    if not cfg.crt_epochs:  # re-training the classifier changes the delivered model's validation score
+        assert saved["validation"]["bmae/all"] == min(h["val/bmae/all"] for h in history)  # validation, not test
     # Where rank 0's time went, in results.json and in MLflow (the demo prints it).
     phases = {"setup", "loader_wait", "train_steps", "validation", "checkpoint", "mlflow", "after_training", "test"}
     assert set(saved["timings"]) == phases and all(seconds >= 0 for seconds in saved["timings"].values())
     assert saved["timings"]["train_steps"] > 0
-    _, run = run_of(tracking, tmp_path)
+    _, run = run_of(tracking, run_dir)
     assert run.data.metrics["seconds/train_steps"] == pytest.approx(saved["timings"]["train_steps"])
     if method == "groupdir":
         assert saved["oracle"]["group_acc"] == 1.0 and saved["calibration"]["shift"]
@@ -92,44 +135,11 @@ def test_tiny_run_learns(tiny_synth, tmp_path, tracking, method, compiled, epoch
                                            for route in ("predicted", "soft", "adjusted", "adjusted_soft"))
     # `groupdir eval` on the saved checkpoint reproduces the test metrics (a compiled model is saved
     # without torch.compile's wrapper: evaluation needs no compiler).
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert not any(key.startswith("_orig_mod") for key in state["model"])
-    again = evaluate_checkpoint(tmp_path / "checkpoint.pt", str(tiny_synth), "test", device="cpu")
+    again = evaluate_checkpoint(run_dir / "checkpoint.pt", str(tiny_synth), "test", device="cpu")
     assert again["predicted"]["mae/all"] == pytest.approx(results["predicted"]["mae/all"], rel=1e-4)
     assert again["calibration"] == results["calibration"]
-
-
-def test_calibration_never_sees_test_labels(tiny_synth, tmp_path, tracking):
-    """Two runs that differ only in the TEST split's labels (replaced by random ages: another order
-    and another histogram) pick the same epoch, route, tau and T, and re-train the same classifier;
-    only their test metrics differ."""
-    other = tmp_path / "other-test-labels"
-    other.mkdir()
-    (other / "images").symlink_to(tiny_synth / "images")
-    rows = list(csv.DictReader((tiny_synth / "synth_age.csv").open()))
-    rng = np.random.default_rng(0)
-    for row in rows:
-        if row["split"] == "test":
-            row["age"] = str(int(rng.integers(0, 100)))
-    with (other / "synth_age.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["age", "path", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    settings = {"epochs": 2, "batch_size": 64, "image_size": 16, "num_groups": 5, "seed": 0, "crt_epochs": 1,
-                "tracking_uri": tracking}
-    results = {name: train(load_config(overrides={**settings, "data": str(root)}), tmp_path / name, progress="off")
-               for name, root in (("given", tiny_synth), ("other", other))}
-    given, changed = results["given"], results["other"]
-    def learned(name):  # the history without its timings
-        return [{key: value for key, value in epoch.items() if key not in ("train_seconds", "images_per_second")}
-                for epoch in json.loads((tmp_path / name / "history.json").read_text())]
-    assert learned("given") == learned("other")  # the same training, epoch by epoch
-    assert given["calibration"] == changed["calibration"] and given["best_epoch"] == changed["best_epoch"]
-    assert given["validation"] == changed["validation"]
-    given_head = torch.load(tmp_path / "given" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"]
-    other_head = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"]
-    torch.testing.assert_close(given_head, other_head)
-    assert given["predicted"]["mae/all"] != changed["predicted"]["mae/all"]
 
 
 def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
@@ -144,9 +154,13 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     params = run.data.params
     assert params["workers"] == "2" and params["num_groups"] == "5" and params["contrast_scope"] == "global"
-    assert len(params) == len(cfg.to_dict())
+    # Every set option, and the data set by name; unset ones (label range from the data, no csv) are left out.
+    assert params["dataset"] == "synth_age" and not {"label_min", "label_max", "csv"} & set(params)
+    assert set(params) == {key for key, value in cfg.to_dict().items() if value not in (None, "")}
     tags = run.data.tags
     assert tags["dataset"] == "synth_age" and tags["method"] == "groupdir"
+    [data] = [record.dataset for record in run.inputs.dataset_inputs]  # the runs table's Dataset column
+    assert (data.name, data.digest) == ("synth_age", read_meta(shards)["source_csv_sha256"][:12])
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert tags["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
     assert tags["groupdir_version"]
@@ -169,7 +183,8 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
         "test/mae", "test/mse", "test/gm", "test/bmae", "test", "routes", "reference", "best_val/mae", "best_val/mse",
         "best_val/gm", "best_val/bmae", "best_val", "val/mae", "val/mse", "val/gm", "val/bmae", "val", "train", "step",
         "test/group_acc", "val/group_acc", "best_val/group_acc",
-        "calibration", "seconds", "crt", "epoch", "steps", "train_seconds", "images_per_second"}  # the UI's chart sections
+        "calibration", "seconds", "crt", "epoch"}  # the UI's chart sections
+    assert all("/" in key for key in metrics)  # nothing in the UI's catch-all section
     assert not any("/n/" in key for key in metrics)  # sample counts are in the shot table, not metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/mae/all")] == [2]  # the last epoch
     assert "Test MAE" in tags["mlflow.note.content"] and tags["mlflow.source.name"] == "groupdir train"
@@ -204,7 +219,7 @@ def test_a_crashed_worker_and_a_tracking_outage_lose_nothing_and_log_nothing_twi
         try:
             wait_for(lambda: (run_dir / "run.json").exists())
             run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
-            wait_for(lambda: MlflowClient(server.uri).get_metric_history(run_id, "epoch"))
+            wait_for(lambda: MlflowClient(server.uri).get_metric_history(run_id, EPOCH_MARKER))
             server.stop()
             events.append("stopped")
             wait_for(lambda: checkpointed_epochs(run_dir) >= 2)
@@ -226,9 +241,9 @@ def test_a_crashed_worker_and_a_tracking_outage_lose_nothing_and_log_nothing_twi
             assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2, 3]
             client, run = run_of(server.uri, run_dir)
             assert run.info.status == "FINISHED"
-            for key in ("epoch", "val/mae/all", "train/total", "steps"):
+            for key in (EPOCH_MARKER, "val/mae/all", "train/total", "epoch/steps"):
                 assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
-            assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == [steps, 2 * steps, 3 * steps]
+            assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch/steps")] == [steps, 2 * steps, 3 * steps]
             logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "step/total"))
             assert logged == list(range(log_every, results["steps"] + 1, log_every))
             assert run.data.metrics["test/mae/all"] == pytest.approx(results[results["selected_route"]]["mae/all"])

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 from ray.tune import Callback
@@ -15,11 +16,11 @@ from ray.tune.schedulers import ASHAScheduler
 from groupdir import recipe
 from groupdir.atomic import write_json_atomic
 from groupdir.config import Config, changed_settings, load_config
-from groupdir.driver import fit_resources, preflight, ray_session, resolve_paths, train_run
+from groupdir.driver import fit_resources, preflight, ray_session, resolve_paths, train_run, training_data
 from groupdir.errors import ConfigError, GroupingError
 from groupdir.sweep.space import SweepSpec, candidates, refused, short
 from groupdir.sweep.summary import summarize, trial_rows
-from groupdir.tracking import NOTE, Tracker, check_reachable, provenance_tags
+from groupdir.tracking import NOTE, Tracker, check_reachable, provenance_tags, run_params
 
 RECORD = "sweep.json"
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes: a Python process with torch imported
@@ -47,7 +48,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
         cfg, use_gpu, concurrent = fit_sweep_resources(cfg, spec)
         searched = {key for p in spec.params for value in p.values for key in p.settings(value)}
         parent_id = Tracker(cfg.tracking_uri).open_run(cfg.experiment, spec.name,
-            {**{k: v for k, v in cfg.to_dict().items() if k not in searched},
+            {**run_params({k: v for k, v in cfg.to_dict().items() if k not in searched}, dataset),
              **{f"space/{p.key}": p.describe() for p in spec.params},
              "sweep/space_file": spec.space_file, "sweep/trials": spec.total_trials, "sweep/seed": spec.seed,
              "sweep/asha": f"grace {spec.grace_period}, factor {spec.reduction_factor:g}" if spec.grace_period else "off",
@@ -55,9 +56,11 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
             {**provenance_tags(cfg, dataset, "groupdir tune"), "kind": "sweep",
              NOTE: f"Sweep `{spec.name}` ({spec.space_file}): {spec.total_trials} trials over "
                    f"{', '.join(p.key for p in spec.params)}, ranked by validation {cfg.select_metric}. Its trials "
-                   f"are nested under it; the best trial's settings and results (`best/*`) and the table of all "
+                   f"are nested under it; the best trial's settings and results (under the trials' names; tag `best_trial`) and the table of all "
                    f"trials (trials.md) come at the end."},
             previous["mlflow_run_id"] if previous else "")
+        if not previous:
+            Tracker(cfg.tracking_uri).log_data(parent_id, **training_data(cfg, dataset))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(sweep_dir / RECORD, {"mlflow_run_id": parent_id, "spec": spec.to_dict(),
                                                "config": given})
@@ -81,7 +84,10 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
             if ended < spec.total_trials or cut_off:
                 raise KeyboardInterrupt(f"{ended} of {spec.total_trials} trials ended, {len(cut_off)} cut off")
             rows = trial_rows(cfg.tracking_uri, parent_id, cfg.select_metric, spec)
-            return summarize(cfg.tracking_uri, parent_id, cfg.select_metric, spec, rows, sweep_dir)
+            summary = summarize(cfg.tracking_uri, parent_id, cfg.select_metric, spec, rows, sweep_dir)
+            # Every trial has ended and keeps its model in trials/; Ray's checkpoints are the sweep's bulk.
+            shutil.rmtree(sweep_dir / "ray", ignore_errors=True)
+            return summary
         except BaseException as err:
             mark_unfinished(cfg.tracking_uri, parent_id, interrupted=isinstance(err, KeyboardInterrupt))
             raise
@@ -227,14 +233,23 @@ def run_trial(params: dict, job: dict) -> None:
     bundle_names = {key: value for key, value in params.items() if spec[key].bundles}
     run_dir = Path(job["sweep_dir"]) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.tracking_uri)
     existing = trial_run(cfg.tracking_uri, job["parent_run_id"], trial_id)
     if existing:
-        Tracker(cfg.tracking_uri).set_tags(existing.info.run_id, {"interrupted": "false"})
-    run_id = Tracker(cfg.tracking_uri).open_run(cfg.experiment, trial_id, {**cfg.to_dict(), **bundle_names},
-                               trial_tags(cfg, job, trial_id), existing.info.run_id if existing else "")
+        tracker.set_tags(existing.info.run_id, {"interrupted": "false"})
+    run_id = tracker.open_run(cfg.experiment, trial_name(trial_id, params),
+                              run_params({**cfg.to_dict(), **bundle_names}, job["dataset"]),
+                              trial_tags(cfg, job, trial_id), existing.info.run_id if existing else "")
+    if not existing:
+        tracker.log_data(run_id, **training_data(cfg, job["dataset"]))
     train_run(cfg, job["use_gpu"], run_dir, str(Path(job["sweep_dir"]) / "ray"), f"train-trial_id={trial_id}",
               run_id, progress="off", callbacks=(TuneReportCallback(),), mark_failures=False,
               worker_loop=job["worker_loop"])
+
+
+def trial_name(trial_id: str, params: dict) -> str:
+    """A trial's MLflow run name: Tune's id (as in the console and trials/) and what it tries."""
+    return " ".join([trial_id, *(f"{key}={short(value)}" for key, value in params.items())])
 
 
 def trial_tags(cfg: Config, job: dict, trial_id: str) -> dict:
@@ -287,7 +302,7 @@ class TrialProgress(Callback):
         reason = raised[-1] if raised else f"the trial's process died (see {error_file or 'its log'})"
         run = trial_run(self.uri, self.parent_id, trial.trial_id)
         if run is None:  # it died before it could open its run: record it all the same
-            run_id = Tracker(self.uri).open_run(self.experiment, trial.trial_id, trial.config,
+            run_id = Tracker(self.uri).open_run(self.experiment, trial_name(trial.trial_id, trial.config), trial.config,
                                        {"mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id, "kind": "trial"})
         else:
             run_id = run.info.run_id

@@ -58,9 +58,10 @@ def summarize(uri: str, parent_id: str, select_metric: str, spec: SweepSpec, row
                **{k.lower(): v for k, v in counts.items()}, "best": best, "rows": rows}
     tracker.log_metrics(parent_id, {f"trials/{k.lower()}": v for k, v in counts.items()})
     if best:
-        tracker.log_params(parent_id, {f"best/{k}": v for k, v in best["params"].items()})
-        tracker.log_metrics(parent_id, {f"best/{metric}": best["best_val"],
-                                        **{f"best/{k}": v for k, v in best["test"].items()}})
+        # Under the trials' own names, so that in MLflow's runs table the parent's row lines up with its
+        # trials' columns; the tags say which trial it is.
+        tracker.log_params(parent_id, best["params"])
+        tracker.log_metrics(parent_id, {f"best_{metric}": best["best_val"], **best["test"]})
         tracker.set_tags(parent_id, {"best_trial": best["trial"], "best_run_id": best["run_id"]})
     tracker.log_text(parent_id, table["markdown"], "trials.md")
     tracker.log_text(parent_id, table["csv"], "trials.csv")
