@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from groupdir import __version__
+from groupdir.config import PRESET_CSV
 from groupdir.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -406,9 +407,13 @@ def server_unreachable(err: BaseException) -> bool:
 
 
 def run_params(config: dict, dataset: str) -> dict:
-    """A config as MLflow params: the data set by its name (the config may say `auto`), and no unset
-    options (None, ""; label_min, csv, ...), which would be blank cells in the runs table."""
-    return {key: dataset if key == "dataset" else value for key, value in config.items() if value not in (None, "")}
+    """A config as MLflow params: `dataset=auto` as the preset it found (`dataset`: the data set's
+    CSV name; a config value that reproduces the run), and no unset options (None, ""; label_min,
+    csv, ...), which would be blank cells in the runs table."""
+    params = {key: value for key, value in config.items() if value not in (None, "")}
+    if params.get("dataset") == "auto":
+        params["dataset"] = {Path(csv).stem: name for name, csv in PRESET_CSV.items()}.get(dataset, "auto")
+    return params
 
 
 def provenance_tags(cfg, dataset: str, command: str = "groupdir train") -> dict:

@@ -122,8 +122,8 @@ def test_preflight_takes_an_encoder_of_any_heads_and_refuses_one_that_cannot_fit
     before Ray starts."""
     run = load_config(overrides={"data": str(tiny_synth), "num_groups": 10, "image_size": 32, "batch_size": 64})
     vanilla = saved_checkpoint(tmp_path / "vanilla.pt", LABELS, method="vanilla", image_size=16)
-    assert preflight(run.replace(init_from=str(vanilla))) == tiny_synth.name
-    assert preflight(run.replace(init_from=str(real))) == tiny_synth.name
+    assert preflight(run.replace(init_from=str(vanilla))) == "synth_age"  # the data set: its CSV's name
+    assert preflight(run.replace(init_from=str(real))) == "synth_age"
     wider = saved_checkpoint(tmp_path / "resnet34.pt", train_labels(run), backbone="resnet34", num_groups=10)
     with pytest.raises(CheckpointError, match="holds a resnet34 encoder; this run's backbone is resnet18"):
         preflight(run.replace(init_from=str(wider)))

@@ -137,7 +137,9 @@ def test_a_run_already_ended_keeps_its_status(store):
 def test_run_params_name_the_data_set_and_leave_out_unset_options():
     config = Config(data="/data/agedb").to_dict()
     assert config["dataset"] == "auto" and config["label_min"] is None and config["csv"] == ""
-    params = run_params(config, "agedb-dir")
+    params = run_params(config, "agedb")  # the data set found: agedb.csv, the agedb-dir preset's
     assert params["dataset"] == "agedb-dir" and params["num_groups"] == config["num_groups"]
+    assert run_params(config, "my_faces")["dataset"] == "auto"  # a CSV of no preset (given by csv=)
+    assert run_params(Config(data="/d", dataset="synth").to_dict(), "agedb")["dataset"] == "synth"  # as given
     assert not {"label_min", "label_max", "csv"} & set(params)
     assert params["fds"] is False and "fds" in params  # False and 0 are settings, not unset

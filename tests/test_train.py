@@ -155,7 +155,7 @@ def test_two_workers_log_the_run_to_mlflow(shards, tmp_path, tracking):
     params = run.data.params
     assert params["workers"] == "2" and params["num_groups"] == "5" and params["contrast_scope"] == "global"
     # Every set option, and the data set by name; unset ones (label range from the data, no csv) are left out.
-    assert params["dataset"] == "synth_age" and not {"label_min", "label_max", "csv"} & set(params)
+    assert params["dataset"] == "synth" and not {"label_min", "label_max", "csv"} & set(params)
     assert set(params) == {key for key, value in cfg.to_dict().items() if value not in (None, "")}
     tags = run.data.tags
     assert tags["dataset"] == "synth_age" and tags["method"] == "groupdir"
