@@ -217,13 +217,13 @@ def run_link(cfg, run_dir: Path) -> str:
     import json
 
     from groupdir.driver import RUN_RECORD
-    from groupdir.tracking import Tracker
+    from groupdir.tracking import Tracker, run_page
 
     run_id = json.loads((run_dir / RUN_RECORD).read_text())["mlflow_run_id"]
     if not cfg.tracking_uri.startswith(("http://", "https://")):
         return f"run {run_id}, experiment '{cfg.experiment}' in {cfg.tracking_uri}"
     experiment_id = Tracker(cfg.tracking_uri).run(run_id).info.experiment_id
-    return f"{cfg.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return run_page(cfg.tracking_uri, experiment_id, run_id)
 
 
 def load_training_config(path, overrides, data=None, address=None):

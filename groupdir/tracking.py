@@ -436,15 +436,22 @@ def run_note(cfg_dict: dict, dataset: str = "") -> str:
               "routes that read the true group (not results); every route in test_shot_table.md.")
 
 
+UI_VIEW = "?workflowType=machine_learning"  # MLflow 3's UI opens its GenAI view unless told otherwise
+
+
 def ui_hint(uri: str, experiment: str) -> str:
-    """How to look at `experiment` in the MLflow UI (in its "Model training" view, not MLflow 3's
-    default GenAI one)."""
+    """How to look at `experiment` in the MLflow UI (in its "Model training" view)."""
     if uri.startswith(("http://", "https://")):
         found = Tracker(uri).client.get_experiment_by_name(experiment)
         page = f"#/experiments/{found.experiment_id}/runs" if found else ""
-        return f"  open {uri.rstrip('/')}/{page}?workflowType=machine_learning"
+        return f"  open {uri.rstrip('/')}/{page}{UI_VIEW}"
     return (f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
-            f"  then open http://127.0.0.1:5000/?workflowType=machine_learning")
+            f"  then open http://127.0.0.1:5000/{UI_VIEW}")
+
+
+def run_page(server: str, experiment_id: str, run_id: str) -> str:
+    """A run's page on an MLflow server, in the UI's "Model training" view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}"
 
 
 def git_commit() -> str:

@@ -8,7 +8,7 @@ from groupdir.atomic import write_json_atomic
 from groupdir.config import Config
 from groupdir.errors import ConfigError
 from groupdir.metrics import shot_metrics
-from groupdir.tracking import RunLogger, Tracker, check_reachable, publish_run, resolve_uri, run_params, step_metrics
+from groupdir.tracking import RunLogger, Tracker, check_reachable, publish_run, resolve_uri, run_page, run_params, step_metrics
 from helpers import free_port
 
 
@@ -143,3 +143,9 @@ def test_run_params_name_the_data_set_and_leave_out_unset_options():
     assert run_params(Config(data="/d", dataset="synth").to_dict(), "agedb")["dataset"] == "synth"  # as given
     assert not {"label_min", "label_max", "csv"} & set(params)
     assert params["fds"] is False and "fds" in params  # False and 0 are settings, not unset
+
+
+def test_run_pages_open_in_the_model_training_view():
+    page = run_page("http://10.0.0.5:5000/", "2", "941b6609")
+    assert page.startswith("http://10.0.0.5:5000/#/experiments/2/runs/941b6609")  # one slash before the #
+    assert page.endswith("?workflowType=machine_learning")  # else MLflow 3 shows the run as a GenAI evaluation
