@@ -56,8 +56,8 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
             {**provenance_tags(cfg, dataset, "groupdir tune"), "kind": "sweep",
              NOTE: f"Sweep `{spec.name}` ({spec.space_file}): {spec.total_trials} trials over "
                    f"{', '.join(p.key for p in spec.params)}, ranked by validation {cfg.select_metric}. Its trials "
-                   f"are nested under it; the best trial's settings and results (under the trials' names; tag `best_trial`) and the table of all "
-                   f"trials (trials.md) come at the end."},
+                   f"are nested under it; the best trial's settings and results (under the trials' names; tag "
+                   f"`best_trial`) and the table of all trials (trials.md) come at the end."},
             previous["mlflow_run_id"] if previous else "")
         if not previous:
             Tracker(cfg.tracking_uri).log_data(parent_id, **training_data(cfg, dataset))
@@ -96,7 +96,6 @@ def run_sweep(spec: SweepSpec, cfg: Config, sweep_dir: str | Path, resume: bool 
 def make_tuner(spec: SweepSpec, cfg: Config, job: dict, concurrent: int, resume: bool):
     """A new Tuner, or on resume the saved one (its searcher and the trials' states)."""
     import ray.tune
-
 
     # The trial function only waits on its TorchTrainer: it reserves memory, not the CPUs that the
     # trial's workers need (Tune refuses an empty request).
@@ -224,7 +223,6 @@ def run_trial(params: dict, job: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-
     trial_id = ray.tune.get_context().get_trial_id()
     params = {key: value.item() if hasattr(value, "item") else value for key, value in params.items()}  # numpy
     spec = {p.key: p for p in job["params"]}
@@ -253,14 +251,12 @@ def trial_name(trial_id: str, params: dict) -> str:
 
 
 def trial_tags(cfg: Config, job: dict, trial_id: str) -> dict:
-
     return {**provenance_tags(cfg, job["dataset"], "groupdir tune"), "mlflow.parentRunId": job["parent_run_id"],
             "sweep": job["sweep"], "trial_id": trial_id, "kind": "trial"}
 
 
 def trial_run(uri: str, parent_id: str, trial_id: str):
     """The MLflow run of a trial (tag trial_id under the parent), or None before it started."""
-
     found = Tracker(uri).child_runs(parent_id, trial_id)
     return found[0] if found else None
 
@@ -278,7 +274,6 @@ class TrialProgress(Callback):
         print(f"  {trial.trial_id} started: {settings}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-
         result = trial.last_result or {}
         epoch, epochs, value = result.get("epoch", 0), result.get("epochs", "?"), result.get(self.metric, math.nan)
         run = trial_run(self.uri, self.parent_id, trial.trial_id)
@@ -294,7 +289,6 @@ class TrialProgress(Callback):
             print(f"  {trial.trial_id} finished: {self.metric} {value:.3f} at epoch {epoch}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-
         # Tune has just written the trial's traceback; the reason is its last "SomeError: ..." line.
         error_file = Path(trial.error_file) if trial.error_file else None
         trace = error_file.read_text() if error_file and error_file.exists() else ""
