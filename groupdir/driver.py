@@ -257,12 +257,12 @@ def ray_session(address: str = "", num_cpus: int | None = None):
     # stay in its session folder (/tmp/ray/session_latest/logs). Ray Train turns a worker's print()
     # into a log record, which would swallow the progress bar's updates (Ray's tqdm prints them for
     # the driver to draw). On one machine nothing can be preempted, and Ray Train's preemption
-    # watcher only adds an internal error line to the console; on a cluster it stays on. An embedded
-    # Ray starts without its dashboard: a dozen processes that took a third of its start-up and CPU
-    # that training needs (a cluster's head keeps its own).
+    # watcher only adds an internal error line to the console; on a cluster it stays on. The dashboard
+    # stays on although it costs start-up time: Ray Train's placement-group cleaner needs it, and
+    # without it a trial that Tune stops keeps its CPUs, so the next trial never starts.
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if address else {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})}
     ray.init(address=address or None, num_cpus=None if address else num_cpus, logging_level=logging.ERROR,
-             runtime_env={"env_vars": env_vars}, **({} if address else {"include_dashboard": False}))
+             runtime_env={"env_vars": env_vars})
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ def shards(tiny_synth, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray with 2 CPUs for a test module's runs (`train` and `tune` use a connected Ray)."""
-    ray.init(num_cpus=2, logging_level="WARNING", include_dashboard=False)  # as groupdir's embedded Ray
+    ray.init(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 
